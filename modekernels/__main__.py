@@ -1,0 +1,5 @@
+import sys
+
+from modekernels.cli import main
+
+sys.exit(main())

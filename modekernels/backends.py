@@ -1,0 +1,217 @@
+"""Backend selection: which implementation (``reference``, ``triton``, ``cuda``) runs an op.
+
+Precedence, highest first:
+
+1. the ``backend=`` argument of an op,
+2. :func:`use_backend` (a setter that is also a context manager),
+3. the environment variable ``MODEKERNELS_BACKEND``,
+4. the automatic choice: the fastest backend for the device that can run the call
+   (``reference`` on the CPU).
+
+An explicit choice (1-3) that cannot run raises :class:`BackendUnavailable` saying why. The
+automatic choice falls back to the next backend and logs the reason once per (op, backend).
+
+Each op declares its implementations with a :class:`Dispatch` table of import paths, so that
+importing :mod:`modekernels` imports neither Triton kernels nor the CUDA extension.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "Dispatch",
+    "availability",
+    "get_backend",
+    "use_backend",
+]
+
+logger = logging.getLogger("modekernels")
+
+BACKENDS = ("reference", "triton", "cuda")
+ENV_VAR = "MODEKERNELS_BACKEND"
+
+# The automatic order on a CUDA device: fastest first.
+_AUTO_ORDER_CUDA = ("cuda", "triton", "reference")
+
+_stack: list[str | None] = [None]
+_logged: set[tuple[str, str, str]] = set()
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run the call; the message says why."""
+
+
+def _check_name(name: str | None, what: str) -> None:
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"{what} must be one of {BACKENDS} or None, got {name!r}")
+
+
+class use_backend:
+    """Choose the backend for every op call that does not pass ``backend=``.
+
+    Use it as a context manager (``with modekernels.use_backend("triton"): ...``), which restores
+    the previous choice on exit, or call it once to set the choice for the rest of the process.
+    ``use_backend(None)`` returns to the environment variable and then the automatic choice.
+    """
+
+    def __init__(self, name: str | None):
+        _check_name(name, "use_backend(name)")
+        self._previous = _stack[-1]
+        _stack[-1] = name
+
+    def __enter__(self) -> "use_backend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _stack[-1] = self._previous
+
+
+def requested(argument: str | None = None) -> str | None:
+    """The explicitly requested backend (argument, then :func:`use_backend`, then the
+    environment), or None for the automatic choice. Safe to call while ``torch.compile`` traces."""
+    _check_name(argument, "backend")
+    if argument is not None:
+        return argument
+    if _stack[-1] is not None:
+        return _stack[-1]
+    env = os.environ.get(ENV_VAR) or None
+    _check_name(env, f"the environment variable {ENV_VAR}")
+    return env
+
+
+def get_backend() -> str | None:
+    """The backend chosen by :func:`use_backend` or the environment; None means automatic."""
+    return requested(None)
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the environment
+        return f"triton cannot be imported: {exc}"
+    return None
+
+
+@functools.cache
+def _cuda_extension_error() -> str | None:
+    try:
+        from modekernels import _C
+    except ImportError as exc:
+        return (
+            "the CUDA extension modekernels._C is not built "
+            f"({exc}); reinstall with nvcc on PATH or MODEKERNELS_BUILD_CUDA=1"
+        )
+    if not _C.built_with_cuda():
+        return "modekernels._C was built without CUDA kernels"
+    return None
+
+
+def availability(backend: str, device: torch.device | str) -> str | None:
+    """None when ``backend`` can run on ``device``, else the reason it cannot."""
+    _check_name(backend, "backend")
+    device = torch.device(device)
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        error = _triton_import_error()
+        if error:
+            return error
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and _triton_interpreting():
+            return None
+        return (
+            f"the triton backend runs on CUDA tensors, or on CPU tensors through the Triton "
+            f"interpreter (TRITON_INTERPRET=1 set before importing modekernels); got a "
+            f"{device.type} tensor"
+        )
+    # cuda
+    if device.type != "cuda":
+        return f"the cuda backend needs CUDA tensors, got a {device.type} tensor"
+    error = _cuda_extension_error()
+    if error:
+        return error
+    from modekernels import _C
+
+    major, minor = torch.cuda.get_device_capability(device)
+    if not _C.supports_arch(major * 10 + minor):
+        return (
+            f"modekernels._C has no kernels for compute capability {major}.{minor} "
+            f"(built for {_C.built_archs()}); rebuild with MODEKERNELS_CUDA_ARCHS"
+        )
+    return None
+
+
+class Dispatch:
+    """The implementations of one op, by backend, as ``"module:function"`` import paths.
+
+    ``supports`` optionally maps a backend to a predicate over the call's arguments that returns
+    None when the backend can run them, else the reason (for example an unsupported dtype).
+    """
+
+    def __init__(
+        self,
+        op: str,
+        *,
+        supports: dict[str, Callable[..., str | None]] | None = None,
+        **paths: str,
+    ):
+        unknown = set(paths) - set(BACKENDS)
+        if unknown or "reference" not in paths:
+            raise ValueError(f"{op}: backends must include 'reference' and be among {BACKENDS}")
+        self.op = op
+        self.paths = paths
+        self.supports = supports or {}
+
+    @functools.cache
+    def _load(self, backend: str) -> Callable:
+        module, _, name = self.paths[backend].partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def _reason(self, backend: str, device: torch.device, args: Sequence) -> str | None:
+        if backend not in self.paths:
+            return f"{self.op} has no {backend} implementation"
+        reason = availability(backend, device)
+        if reason is None and backend in self.supports:
+            reason = self.supports[backend](*args)
+        return reason
+
+    def resolve(self, backend: str | None, device: torch.device, args: Sequence = ()) -> str:
+        """The backend that runs this call. ``backend`` is the requested one or None (auto)."""
+        if backend is not None:
+            reason = self._reason(backend, device, args)
+            if reason is not None:
+                raise BackendUnavailable(
+                    f"{self.op}: backend {backend!r} was requested but cannot run: {reason}"
+                )
+            return backend
+        if device.type != "cuda":
+            return "reference"
+        for candidate in _AUTO_ORDER_CUDA:
+            reason = self._reason(candidate, device, args)
+            if reason is None:
+                return candidate
+            key = (self.op, candidate, reason)
+            if key not in _logged:
+                _logged.add(key)
+                logger.info("modekernels: %s skips the %s backend: %s", self.op, candidate, reason)
+        return "reference"  # unreachable: reference always runs
+
+    def __call__(self, backend: str | None, device: torch.device, *args):
+        """Resolve the backend for ``args`` on ``device`` and run its implementation."""
+        chosen = self.resolve(backend, device, args)
+        return self._load(chosen)(*args)

@@ -1,0 +1,64 @@
+"""What ``modekernels info`` prints: versions, devices and each backend's availability."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+
+import torch
+
+from modekernels import backends
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _devices() -> list[torch.device]:
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return devices
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
+    return platform.processor() or platform.machine()
+
+
+def collect() -> dict:
+    """Versions, devices and, per device, each backend's availability (None) or the reason."""
+    return {
+        "versions": {
+            "python": platform.python_version(),
+            "modekernels": _version("modekernels"),
+            "torch": torch.__version__,
+            "cuda (torch)": torch.version.cuda or "none",
+            "triton": _version("triton"),
+            "transformers": _version("transformers"),
+        },
+        "devices": {
+            str(device): {
+                "name": _device_name(device),
+                "backends": {name: backends.availability(name, device) for name in backends.BACKENDS},
+            }
+            for device in _devices()
+        },
+        "selected": backends.get_backend() or "automatic",
+    }
+
+
+def format_info(info: dict) -> str:
+    lines = ["modekernels environment", ""]
+    lines += [f"  {name:<14} {version}" for name, version in info["versions"].items()]
+    lines += ["", f"  backend choice: {info['selected']}"]
+    for device, entry in info["devices"].items():
+        lines += ["", f"  {device}: {entry['name']}"]
+        for name, reason in entry["backends"].items():
+            lines.append(f"    {name:<10} " + ("available" if reason is None else f"unavailable: {reason}"))
+    return "\n".join(lines)

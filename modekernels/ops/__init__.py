@@ -1,0 +1,1 @@
+"""The ``torch.library`` ops of modekernels: schema, fake kernels, autograd and dispatch."""

@@ -1,0 +1,121 @@
+"""``grouped_mm``: one GEMM per expert over contiguous row groups, as a differentiable torch op.
+
+Registered as ``torch.ops.modekernels.grouped_mm`` (forward) and
+``torch.ops.modekernels.grouped_mm_weight_grad`` (the grouped Xᵀ·dY of the backward), each with a
+fake kernel, and the forward with an autograd formula.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from modekernels import backends
+from modekernels._checks import (
+    FLOAT_DTYPES,
+    check_dim,
+    check_offsets,
+    check_tensor,
+)
+
+_forward = backends.Dispatch(
+    "grouped_mm",
+    reference="modekernels.reference.grouped_mm:grouped_mm",
+    triton="modekernels.triton_kernels.grouped_mm:grouped_mm",
+    cuda="modekernels.cuda.grouped_mm:grouped_mm",
+)
+_weight_grad = backends.Dispatch(
+    "grouped_mm_weight_grad",
+    reference="modekernels.reference.grouped_mm:grouped_mm_weight_grad",
+    triton="modekernels.triton_kernels.grouped_mm:grouped_mm_weight_grad",
+    cuda="modekernels.cuda.grouped_mm:grouped_mm_weight_grad",
+)
+
+
+def _check_forward(x: object, w: object, offs: object) -> None:
+    check_tensor("x", x, rank=2, dtypes=FLOAT_DTYPES)
+    check_tensor("w", w, rank=3, dtypes=(x.dtype,), device=x.device)
+    check_dim("w.shape[1]", w.shape[1], x.shape[1], "K, the columns of x")
+    check_tensor("offs", offs, rank=1, dtypes=(torch.int32,), device=x.device)
+    check_dim("offs.shape[0]", offs.shape[0], w.shape[0], "the number of groups E, w.shape[0]")
+
+
+def _check_weight_grad(x: object, dy: object, offs: object) -> None:
+    check_tensor("x", x, rank=2, dtypes=FLOAT_DTYPES)
+    check_tensor("dy", dy, rank=2, dtypes=(x.dtype,), device=x.device)
+    check_dim("dy.shape[0]", dy.shape[0], x.shape[0], "S, the rows of x")
+    check_tensor("offs", offs, rank=1, dtypes=(torch.int32,), device=x.device)
+
+
+@torch.library.custom_op("modekernels::grouped_mm", mutates_args=())
+def _grouped_mm_op(
+    x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, backend: Optional[str] = None
+) -> torch.Tensor:
+    _check_forward(x, w, offs)
+    check_offsets("offs", offs, x.shape[0], "the number of rows S")
+    return _forward(backend, x.device, x, w, offs)
+
+
+@_grouped_mm_op.register_fake
+def _(x, w, offs, backend=None):
+    _check_forward(x, w, offs)
+    return x.new_empty(x.shape[0], w.shape[2])
+
+
+@torch.library.custom_op("modekernels::grouped_mm_weight_grad", mutates_args=())
+def _grouped_mm_weight_grad_op(
+    x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor, backend: Optional[str] = None
+) -> torch.Tensor:
+    _check_weight_grad(x, dy, offs)
+    check_offsets("offs", offs, x.shape[0], "the number of rows S")
+    return _weight_grad(backend, x.device, x, dy, offs)
+
+
+@_grouped_mm_weight_grad_op.register_fake
+def _(x, dy, offs, backend=None):
+    _check_weight_grad(x, dy, offs)
+    return x.new_empty(offs.shape[0], x.shape[1], dy.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, offs, backend = inputs
+    ctx.backend = backend
+    ctx.save_for_backward(x, w, offs)
+
+
+def _backward(ctx, dy):
+    x, w, offs = ctx.saved_tensors
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        dx = _grouped_mm_op(dy, w.transpose(1, 2), offs, ctx.backend)
+    if ctx.needs_input_grad[1]:
+        dw = _grouped_mm_weight_grad_op(x, dy, offs, ctx.backend)
+    return dx, dw, None, None
+
+
+_grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def grouped_mm(
+    x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, backend: str | None = None
+) -> torch.Tensor:
+    """Grouped GEMM over contiguous row groups: ``y[r] = x[r] @ w[e]`` for each row r of group e.
+
+    Args:
+        x: (S, K) float32, float16 or bfloat16; any strides.
+        w: (E, K, N), same dtype and device. The ``nn.Linear`` layout is accepted without a copy
+            as ``w_linear.transpose(1, 2)`` of an (E, N, K) tensor.
+        offs: (E,) int32 cumulative end rows of the groups, as ``torch._grouped_mm`` takes them:
+            group e holds rows ``offs[e-1]:offs[e]`` (``offs[-1] = 0``); groups may be empty.
+        backend: ``"reference"``, ``"triton"``, ``"cuda"`` or None (see
+            :mod:`modekernels.backends`).
+
+    Returns:
+        y (S, N) in x's dtype, accumulated in float32. Rows at or past ``offs[-1]`` are zero and
+        get zero gradient. Differentiable in x (grouped dY·Wᵀ) and w (grouped Xᵀ·dY).
+
+    Offsets are value-checked (non-decreasing, within S) only for CPU tensors in eager mode; on
+    CUDA they stay on the device and are not read by the host.
+    """
+    return _grouped_mm_op(x, w, offs, backends.requested(backend))
