@@ -107,7 +107,8 @@ def _triton_import_error() -> str | None:
 
 
 @functools.cache
-def _cuda_extension_error() -> str | None:
+def cuda_extension_error() -> str | None:
+    """None when ``modekernels._C`` imports and holds CUDA kernels, else why not."""
     try:
         from modekernels import _C
     except ImportError as exc:
@@ -142,7 +143,7 @@ def availability(backend: str, device: torch.device | str) -> str | None:
     # cuda
     if device.type != "cuda":
         return f"the cuda backend needs CUDA tensors, got a {device.type} tensor"
-    error = _cuda_extension_error()
+    error = cuda_extension_error()
     if error:
         return error
     from modekernels import _C

@@ -49,6 +49,7 @@ def collect() -> dict:
             }
             for device in _devices()
         },
+        "cuda extension": backends.cuda_extension_error() or "built and importable",
         "selected": backends.get_backend() or "automatic",
     }
 
@@ -56,7 +57,8 @@ def collect() -> dict:
 def format_info(info: dict) -> str:
     lines = ["modekernels environment", ""]
     lines += [f"  {name:<14} {version}" for name, version in info["versions"].items()]
-    lines += ["", f"  backend choice: {info['selected']}"]
+    lines += ["", f"  cuda extension: {info['cuda extension']}"]
+    lines += [f"  backend choice: {info['selected']}"]
     for device, entry in info["devices"].items():
         lines += ["", f"  {device}: {entry['name']}"]
         for name, reason in entry["backends"].items():

@@ -1,0 +1,364 @@
+"""Tests of ``modekernels.grouped_mm`` (forward, dX, dW) on every backend against the float64
+reference, ``torch._grouped_mm``, ``opcheck``, ``torch.compile`` and bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+from conftest import DEVICE, backend_params
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import modekernels
+from modekernels.reference import grouped_mm as reference
+
+ALL_BACKENDS = backend_params("reference", "triton", "cuda")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Relative tolerance by dtype; the absolute one grows with the square root of the reduction.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+class Case:
+    """A grouped GEMM problem: group sizes (E = len(sizes)), ``tail`` rows past offs[-1]."""
+
+    def __init__(self, name: str, K: int, N: int, sizes: list[int], tail: int = 0):
+        self.name, self.K, self.N, self.sizes, self.tail = name, K, N, sizes, tail
+        self.S = sum(sizes) + tail
+        self.E = len(sizes)
+
+    def offs(self) -> torch.Tensor:
+        ends = torch.tensor(self.sizes, dtype=torch.int64).cumsum(0)
+        return ends.to(dtype=torch.int32, device=DEVICE)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+CASES = [
+    Case("empty_groups_K24_N40", 24, 40, [13, 0, 29, 4, 0, 21]),
+    Case("odd_K17_N33_tail", 17, 33, [7, 0, 40, 3, 11], tail=6),
+    Case("one_group_all_rows", 32, 48, [0, 70, 0]),
+    Case("single_row", 40, 24, [0, 1, 0]),
+    Case("zero_rows", 24, 16, [0, 0, 0]),
+    Case("only_tail_rows", 16, 24, [0, 0], tail=9),
+    Case("several_k_tiles", 72, 64, [33, 31, 0], tail=2),
+    Case("single_group", 24, 40, [45]),
+    Case("K_zero", 0, 8, [3, 2], tail=1),
+    Case("no_groups", 8, 16, [], tail=5),
+]
+
+# x: contiguous or a column slice; w: (E, K, N) or the nn.Linear layout (E, N, K) transposed.
+LAYOUTS = ["contiguous", "linear_weight", "strided_x"]
+
+
+def make_inputs(case: Case, dtype: torch.dtype, layout: str = "contiguous"):
+    """x (S, K) and the weight leaf, with w (E, K, N) the view the op takes."""
+    if layout == "strided_x":
+        x = torch.randn(case.S, 2 * case.K, device=DEVICE).to(dtype)[:, ::2]
+    else:
+        x = torch.randn(case.S, case.K, device=DEVICE).to(dtype)
+    if layout == "linear_weight":
+        w_leaf = torch.randn(case.E, case.N, case.K, device=DEVICE).to(dtype)
+    else:
+        w_leaf = torch.randn(case.E, case.K, case.N, device=DEVICE).to(dtype)
+    return x, w_leaf
+
+
+def as_weight(w_leaf: torch.Tensor, layout: str) -> torch.Tensor:
+    return w_leaf.transpose(1, 2) if layout == "linear_weight" else w_leaf
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, reduction: int, scale: float = 1.0):
+    tol = scale * TOLERANCE[actual.dtype]
+    torch.testing.assert_close(
+        actual.double(), expected, rtol=tol, atol=tol * math.sqrt(max(reduction, 1))
+    )
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Fill every tensor that torch.empty / new_empty / empty_like returns with NaN (floats) or
+    -7 (integers), so an output element the backend does not write shows up."""
+    real = torch.empty, torch.empty_like, torch.Tensor.new_empty
+
+    def poison(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(float("nan") if t.is_floating_point() else -7)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(torch, "empty", lambda *a, **k: poison(real[0](*a, **k)))
+    mp.setattr(torch, "empty_like", lambda *a, **k: poison(real[1](*a, **k)))
+    mp.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: poison(real[2](self, *a, **k)))
+    try:
+        yield
+    finally:
+        mp.undo()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", CASES, ids=repr)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_forward_matches_float64_reference(backend, dtype, case, layout):
+    x, w_leaf = make_inputs(case, dtype, layout)
+    w = as_weight(w_leaf, layout)
+    offs = case.offs()
+    with poisoned_allocations():
+        y = modekernels.grouped_mm(x, w, offs, backend=backend)
+    assert y.shape == (case.S, case.N) and y.dtype == dtype and y.device == x.device
+    assert_matches(y, reference.grouped_mm(x.double(), w.double(), offs), case.K)
+    assert torch.all(y[sum(case.sizes) :] == 0), "rows past offs[-1] must be zero"
+
+
+@pytest.mark.parametrize("layout", ["linear_weight", "strided_x"])  # dy is always strided
+@pytest.mark.parametrize("case", CASES, ids=repr)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_backward_matches_float64_reference(backend, dtype, case, layout):
+    x, w_leaf = make_inputs(case, dtype, layout)
+    offs = case.offs()
+    dy = torch.randn(case.N, case.S, device=DEVICE).to(dtype).t()  # non-contiguous
+    x.requires_grad_()
+    w_leaf.requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    w64_leaf = w_leaf.detach().double().requires_grad_()
+
+    y = modekernels.grouped_mm(x, as_weight(w_leaf, layout), offs, backend=backend)
+    with poisoned_allocations():
+        y.backward(dy)
+    y64 = reference.grouped_mm(x64, as_weight(w64_leaf, layout), offs)
+    if y64.requires_grad:
+        dx64, dw64 = torch.autograd.grad(y64, (x64, w64_leaf), dy.double(), materialize_grads=True)
+    else:  # no groups: y does not depend on x or w
+        dx64, dw64 = torch.zeros_like(x64), torch.zeros_like(w64_leaf)
+
+    assert x.grad.shape == x.shape and w_leaf.grad.shape == w_leaf.shape
+    assert_matches(x.grad, dx64, case.N)
+    assert_matches(w_leaf.grad, dw64, max(case.sizes, default=0))
+    assert torch.all(x.grad[sum(case.sizes) :] == 0), "rows past offs[-1] get zero gradient"
+
+
+@pytest.mark.parametrize("case", CASES[:3], ids=repr)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_weight_grad_op_zeroes_empty_groups(backend, case):
+    x, _ = make_inputs(case, torch.float32, "strided_x")
+    dy = torch.randn(case.S, case.N, device=DEVICE)
+    offs = case.offs()
+    with poisoned_allocations():
+        dw = torch.ops.modekernels.grouped_mm_weight_grad(x, dy, offs, backend)
+    assert_matches(dw, reference.grouped_mm_weight_grad(x.double(), dy.double(), offs), 70)
+    for e, size in enumerate(case.sizes):
+        if size == 0:
+            assert torch.all(dw[e] == 0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "linear_weight"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_matches_torch_grouped_mm(backend, dtype, layout):
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip(f"torch {torch.__version__} has no torch._grouped_mm")
+    case = Case("aligned", 32, 48, [9, 0, 30, 17], tail=4)
+    x, w_leaf = make_inputs(case, dtype, layout)
+    w = as_weight(w_leaf, layout)
+    offs = case.offs()
+    try:
+        expected = torch._grouped_mm(x, w, offs=offs)
+    except (RuntimeError, NotImplementedError) as exc:
+        pytest.skip(f"torch._grouped_mm rejects {dtype}, {layout} on {DEVICE}: {exc}")
+    y = modekernels.grouped_mm(x, w, offs, backend=backend)
+    covered = sum(case.sizes)  # torch leaves the rows past offs[-1] undefined
+    assert_matches(y[:covered], expected[:covered].double(), case.K, scale=2.0)
+
+
+def _opcheck_inputs():
+    case = Case("opcheck", 24, 40, [5, 0, 12], tail=3)
+    x, w_leaf = make_inputs(case, torch.float32, "linear_weight")
+    return case, x, as_weight(w_leaf, "linear_weight"), case.offs()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_opcheck_forward(backend):
+    _, x, w, offs = _opcheck_inputs()
+    torch.library.opcheck(
+        torch.ops.modekernels.grouped_mm.default,
+        (x.requires_grad_(), w.detach().requires_grad_(), offs),
+        {"backend": backend},
+    )
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_opcheck_weight_grad(backend):
+    case, x, _, offs = _opcheck_inputs()
+    dy = torch.randn(case.S, case.N, device=DEVICE)
+    torch.library.opcheck(
+        torch.ops.modekernels.grouped_mm_weight_grad.default, (x, dy, offs), {"backend": backend}
+    )
+
+
+@pytest.mark.parametrize("backend", backend_params("reference", "triton"))
+def test_compile_fullgraph_equals_eager(backend):
+    case, x, w, offs = _opcheck_inputs()
+    dy = torch.randn(case.S, case.N, device=DEVICE)
+
+    def run(fn):
+        xl = x.detach().clone().requires_grad_()
+        wl = w.detach().clone().requires_grad_()
+        y = fn(xl, wl, offs)
+        y.backward(dy)
+        return y.detach(), xl.grad, wl.grad
+
+    def forward(x, w, offs):
+        return modekernels.grouped_mm(x, w, offs, backend=backend)
+
+    eager = run(forward)
+    compiled = run(torch.compile(forward, fullgraph=True))
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    sizes=st.lists(st.integers(0, 20), min_size=1, max_size=7),
+    tail=st.integers(0, 4),
+    K=st.integers(1, 40),
+    N=st.integers(1, 40),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_group_splits(backend, sizes, tail, K, N, seed):
+    torch.manual_seed(seed)
+    case = Case("hypothesis", K, N, sizes, tail)
+    x, w = make_inputs(case, torch.float32)
+    dy = torch.randn(case.S, N, device=DEVICE)
+    offs = case.offs()
+    y = modekernels.grouped_mm(x, w, offs, backend=backend)
+    dw = torch.ops.modekernels.grouped_mm_weight_grad(x, dy, offs, backend)
+    assert_matches(y, reference.grouped_mm(x.double(), w.double(), offs), K)
+    expected_dw = reference.grouped_mm_weight_grad(x.double(), dy.double(), offs)
+    assert_matches(dw, expected_dw, max(sizes))
+
+
+@pytest.mark.parametrize("backend", backend_params("triton"))
+def test_triton_float32_follows_allow_tf32(backend):
+    from modekernels.triton_kernels.grouped_mm import _dot_options
+
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert _dot_options(torch.float32)["INPUT_PRECISION"] == "ieee"
+        matmul.allow_tf32 = True
+        assert _dot_options(torch.float32)["INPUT_PRECISION"] == "tf32"
+        case, x, w, offs = _opcheck_inputs()
+        y = modekernels.grouped_mm(x, w, offs, backend=backend)  # TF32: about 1e-3 relative
+    finally:
+        matmul.allow_tf32 = saved
+    expected = reference.grouped_mm(x.double(), w.double(), offs)
+    torch.testing.assert_close(y.double(), expected, rtol=5e-3, atol=5e-2)
+
+
+def _bad(**change):
+    """Valid (x, w, offs) for S=10, K=8, N=6, E=3, with some replaced."""
+    args = {
+        "x": torch.randn(10, 8),
+        "w": torch.randn(3, 8, 6),
+        "offs": torch.tensor([2, 5, 9], dtype=torch.int32),
+    }
+    args.update(change)
+    return args
+
+
+BAD_INPUTS = [
+    ("x_float64", _bad(x=torch.randn(10, 8, dtype=torch.float64)), TypeError, "x must have dtype"),
+    ("w_dtype", _bad(w=torch.randn(3, 8, 6, dtype=torch.bfloat16)), TypeError, "w must have dtype"),
+    ("w_device", _bad(w=torch.randn(3, 8, 6, device="meta")), ValueError, "w must be on"),
+    ("x_rank", _bad(x=torch.randn(10, 8, 1)), ValueError, "x must have 2 dimensions"),
+    ("w_rank", _bad(w=torch.randn(8, 6)), ValueError, "w must have 3 dimensions"),
+    ("offs_rank", _bad(offs=torch.tensor([[2, 5, 9]], dtype=torch.int32)), ValueError, "offs must"),
+    ("K_mismatch", _bad(w=torch.randn(3, 7, 6)), ValueError, r"w\.shape\[1\] must be 8"),
+    ("offs_int64", _bad(offs=torch.tensor([2, 5, 9])), TypeError, "offs must have dtype int32"),
+    (
+        "offs_length",
+        _bad(offs=torch.tensor([5, 9], dtype=torch.int32)),
+        ValueError,
+        r"offs\.shape\[0\] must be 3",
+    ),
+    (
+        "offs_decreasing",
+        _bad(offs=torch.tensor([5, 2, 9], dtype=torch.int32)),
+        ValueError,
+        "offs must be non-decreasing",
+    ),
+    (
+        "offs_negative",
+        _bad(offs=torch.tensor([-1, 5, 9], dtype=torch.int32)),
+        ValueError,
+        "offs must be non-negative",
+    ),
+    (
+        "offs_past_S",
+        _bad(offs=torch.tensor([2, 5, 11], dtype=torch.int32)),
+        ValueError,
+        r"offs\[-1\] must be at most",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "args, error, match", [pytest.param(*b[1:], id=b[0]) for b in BAD_INPUTS]
+)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_bad_input_names_the_argument(backend, args, error, match):
+    with pytest.raises(error, match=match):
+        modekernels.grouped_mm(**args, backend=backend)
+
+
+@pytest.mark.parametrize(
+    "x, dy, offs, error, match",
+    [
+        pytest.param(
+            torch.randn(10, 8),
+            torch.randn(9, 6),
+            torch.tensor([4, 10], dtype=torch.int32),
+            ValueError,
+            r"dy\.shape\[0\] must be 10",
+            id="dy_rows",
+        ),
+        pytest.param(
+            torch.randn(10, 8),
+            torch.randn(10, 6, dtype=torch.float16),
+            torch.tensor([4, 10], dtype=torch.int32),
+            TypeError,
+            "dy must have dtype",
+            id="dy_dtype",
+        ),
+        pytest.param(
+            torch.randn(10, 8),
+            torch.randn(10, 6),
+            torch.tensor([4, 12], dtype=torch.int32),
+            ValueError,
+            r"offs\[-1\] must be at most",
+            id="offs_past_S",
+        ),
+    ],
+)
+def test_weight_grad_bad_input_names_the_argument(x, dy, offs, error, match):
+    with pytest.raises(error, match=match):
+        torch.ops.modekernels.grouped_mm_weight_grad(x, dy, offs, "reference")
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        modekernels.grouped_mm(**_bad(), backend="cutlass")
+
+
+def test_unavailable_backend_says_why():
+    with pytest.raises(modekernels.BackendUnavailable, match="'cuda'.*needs CUDA tensors"):
+        modekernels.grouped_mm(**_bad(), backend="cuda")

@@ -1,0 +1,1 @@
+"""Triton kernels of modekernels (installed as ``modekernels.triton_kernels``), one op per module."""

@@ -1,0 +1,356 @@
+"""Triton grouped GEMM: ``y[r] = x[r] @ w[e]`` over contiguous row groups, and its weight gradient.
+
+Forward: one persistent launch walks the E groups plus a "tail" group, the rows
+``[offs[E-1], S)``, which it stores as zeros; each program takes every ``num_programs``-th output
+tile of the walk, computing each group's tile count from ``offs`` on the device, so the host
+never reads ``offs``. Weight gradient: a grid of E x tiles(K) x tiles(N) programs, each looping
+over its group's rows (an empty group stores zeros).
+
+Operands are addressed through their strides (``w`` may be a ``.transpose(1, 2)`` view, ``x`` any
+slice), products accumulate in float32, and float32 inputs follow
+``torch.backends.cuda.matmul.allow_tf32``. On a GPU the tile sizes are autotuned per (N, K,
+dtype, precision); under the Triton interpreter (``TRITON_INTERPRET=1``) one small configuration
+runs, and half-precision tiles are widened to float32 before ``tl.dot``, whose bf16 path the
+interpreter gets wrong (triton-lang/triton#11584).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from modekernels.backends import _triton_interpreting
+
+_INTERPRETING = _triton_interpreting()
+# Programs of the persistent forward under the interpreter: several, so that the tile walk's
+# stride is exercised, yet few, because each program runs in turn on the host.
+_INTERPRETER_PROGRAMS = 4
+
+
+def _configs(tiles: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per config; one small one when
+    interpreting, where autotuning would only cost time."""
+    if _INTERPRETING:
+        tiles = [(32, 32, 32, 4, 1)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in tiles
+    ]
+
+
+# Hopper-sized tiles. Configurations that overflow shared memory (wide fp32 tiles) fail to
+# compile and are dropped by the autotuner. Tensor dtypes are part of every Triton autotune key.
+_FORWARD_TILES = [  # output tile BLOCK_M x BLOCK_N, reduction over K by BLOCK_K
+    (128, 128, 64, 4, 3),
+    (128, 128, 64, 8, 4),
+    (128, 256, 64, 8, 3),
+    (64, 128, 64, 4, 4),
+    (64, 128, 64, 4, 3),
+    (128, 64, 64, 4, 4),
+]
+_WEIGHT_GRAD_TILES = [  # output tile BLOCK_K x BLOCK_N, reduction over a group's rows by BLOCK_M
+    (64, 128, 128, 4, 3),
+    (64, 128, 128, 8, 4),
+    (64, 256, 128, 8, 3),
+    (64, 128, 64, 4, 4),
+    (32, 128, 128, 4, 4),
+]
+_AUTOTUNE_KEY = ["N", "K", "INPUT_PRECISION"]
+
+
+@triton.jit
+def _accumulate_product(
+    acc,
+    a_ptr,
+    a_rows,
+    a_row_mask,
+    stride_a_row,
+    stride_a_red,
+    b_ptr,
+    b_cols,
+    b_col_mask,
+    stride_b_red,
+    stride_b_col,
+    red_start,
+    red_end,
+    BLOCK_RED: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    """acc += A[a_rows, red_start:red_end] @ B[red_start:red_end, b_cols], BLOCK_RED at a time.
+
+    A and B are strided matrices; rows and columns outside their masks read as zero, and an
+    empty reduction range leaves acc unchanged.
+    """
+    red = red_start + tl.arange(0, BLOCK_RED)
+    a_ptrs = (
+        a_ptr
+        + a_rows.to(tl.int64)[:, None] * stride_a_row
+        + red.to(tl.int64)[None, :] * stride_a_red
+    )
+    b_ptrs = (
+        b_ptr
+        + red.to(tl.int64)[:, None] * stride_b_red
+        + b_cols.to(tl.int64)[None, :] * stride_b_col
+    )
+    for _ in range(red_start, red_end, BLOCK_RED):
+        red_mask = red < red_end
+        a = tl.load(a_ptrs, mask=a_row_mask[:, None] & red_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=red_mask[:, None] & b_col_mask[None, :], other=0.0)
+        if DOT_IN_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_RED * stride_a_red
+        b_ptrs += BLOCK_RED * stride_b_red
+        red += BLOCK_RED
+    return acc
+
+
+@triton.jit
+def _group_output_tile(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    row_start,
+    row_end,
+    m_tile,
+    n_tile,
+    k_end,
+    N,
+    stride_xs,
+    stride_xk,
+    stride_wk,
+    stride_wn,
+    stride_ys,
+    stride_yn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    """One (BLOCK_M, BLOCK_N) output tile of one group: y[rows, cols] = x[rows, :k_end] @
+    w_e[:k_end, cols], rows counted from row_start and stopping at row_end, w_ptr pointing at
+    the group's (K, N) matrix. k_end = 0 stores a zero tile."""
+    rows = row_start + m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < row_end
+    col_mask = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _accumulate_product(
+        acc,
+        x_ptr,
+        rows,
+        row_mask,
+        stride_xs,
+        stride_xk,
+        w_ptr,
+        cols,
+        col_mask,
+        stride_wk,
+        stride_wn,
+        0,
+        k_end,
+        BLOCK_K,
+        INPUT_PRECISION,
+        DOT_IN_FP32,
+    )
+    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ys + cols[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.autotune(configs=_configs(_FORWARD_TILES), key=_AUTOTUNE_KEY)
+@triton.jit
+def _grouped_mm_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    offs_ptr,
+    S,
+    N,
+    K,
+    E,
+    stride_xs,
+    stride_xk,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    stride_ys,
+    stride_yn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    """Persistent walk over groups 0..E-1 and the zero tail group E (rows offs[E-1]..S).
+
+    The output tiles of all groups are numbered in group order, row tiles outer and column
+    tiles inner; program p computes tiles p, p + num_programs, ...
+    """
+    tile = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    tiles_before = 0  # tiles of the groups already walked
+    row_start = 0
+    w_group_ptr = w_ptr  # the group's (K, N) matrix
+    for group in range(0, E + 1):
+        is_expert = group < E
+        row_end = tl.load(offs_ptr + group, mask=is_expert, other=S)
+        group_tiles = tl.cdiv(row_end - row_start, BLOCK_M) * n_tiles
+        k_end = tl.where(is_expert, K, 0)  # the tail group reduces over nothing: zeros
+        while tile < tiles_before + group_tiles:
+            local = tile - tiles_before
+            _group_output_tile(
+                x_ptr,
+                w_group_ptr,
+                y_ptr,
+                row_start,
+                row_end,
+                local // n_tiles,
+                local % n_tiles,
+                k_end,
+                N,
+                stride_xs,
+                stride_xk,
+                stride_wk,
+                stride_wn,
+                stride_ys,
+                stride_yn,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                INPUT_PRECISION,
+                DOT_IN_FP32,
+            )
+            tile += num_programs
+        tiles_before += group_tiles
+        row_start = row_end
+        w_group_ptr += stride_we
+
+
+@triton.autotune(configs=_configs(_WEIGHT_GRAD_TILES), key=_AUTOTUNE_KEY)
+@triton.jit
+def _grouped_mm_weight_grad_kernel(
+    x_ptr,
+    dy_ptr,
+    dw_ptr,
+    offs_ptr,
+    N,
+    K,
+    stride_xs,
+    stride_xk,
+    stride_dys,
+    stride_dyn,
+    stride_dwe,
+    stride_dwk,
+    stride_dwn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    """Program (e, k tile, n tile): dw[e, ks, ns] = x[rows_e, ks]^T @ dy[rows_e, ns], reducing
+    over the group's rows BLOCK_M at a time; an empty group stores zeros."""
+    group = tl.program_id(0)
+    row_start = tl.load(offs_ptr + group - 1, mask=group > 0, other=0)
+    row_end = tl.load(offs_ptr + group)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ns = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_mask = ks < K
+    n_mask = ns < N
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    acc = _accumulate_product(
+        acc,
+        x_ptr,
+        ks,
+        k_mask,
+        stride_xk,
+        stride_xs,
+        dy_ptr,
+        ns,
+        n_mask,
+        stride_dys,
+        stride_dyn,
+        row_start,
+        row_end,
+        BLOCK_M,
+        INPUT_PRECISION,
+        DOT_IN_FP32,
+    )
+    dw_ptrs = (
+        dw_ptr
+        + group.to(tl.int64) * stride_dwe
+        + ks.to(tl.int64)[:, None] * stride_dwk
+        + ns[None, :] * stride_dwn
+    )
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=k_mask[:, None] & n_mask[None, :])
+
+
+def _dot_options(dtype: torch.dtype) -> dict:
+    """tl.dot settings: TF32 for float32 only when PyTorch allows it; half-precision tiles
+    widened to float32 under the interpreter."""
+    tf32 = dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+    return {
+        "INPUT_PRECISION": "tf32" if tf32 else "ieee",
+        "DOT_IN_FP32": _INTERPRETING and dtype != torch.float32,
+    }
+
+
+@functools.cache
+def _max_programs(device: torch.device) -> int:
+    """Programs of the persistent forward: one per SM on a GPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _INTERPRETER_PROGRAMS
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """y[r] = x[r] @ w[e] for the rows r of group e; the kernel zeroes rows at or past offs[-1].
+
+    x (S, K), w (E, K, N), offs (E,) int32 cumulative end rows, validated by the op, any
+    strides -> y (S, N) in x's dtype, accumulated in float32.
+    """
+    S, K = x.shape
+    E, _, N = w.shape
+    y = torch.empty((S, N), dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    max_programs = _max_programs(x.device)
+
+    def grid(meta):
+        # The groups' row tiles number at most cdiv(S, BLOCK_M) + E (one partial tile each).
+        tiles = (triton.cdiv(S, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"])
+        return (min(max_programs, tiles),)
+
+    _grouped_mm_kernel[grid](
+        x, w, y, offs, S, N, K, E, *x.stride(), *w.stride(), *y.stride(), **_dot_options(x.dtype)
+    )
+    return y
+
+
+def grouped_mm_weight_grad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """dw[e] = x[rows of e]^T @ dy[rows of e], zero for an empty group.
+
+    x (S, K), dy (S, N), offs (E,) int32, validated by the op, any strides -> dw (E, K, N) in
+    x's dtype, accumulated in float32.
+    """
+    K = x.shape[1]
+    N = dy.shape[1]
+    E = offs.shape[0]
+    dw = torch.empty((E, K, N), dtype=x.dtype, device=x.device)
+    if dw.numel() == 0:
+        return dw
+
+    def grid(meta):
+        return (E, triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(N, meta["BLOCK_N"]))
+
+    _grouped_mm_weight_grad_kernel[grid](
+        x, dy, dw, offs, N, K, *x.stride(), *dy.stride(), *dw.stride(), **_dot_options(x.dtype)
+    )
+    return dw
