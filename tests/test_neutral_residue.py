@@ -1,0 +1,357 @@
+"""neutral_residue: every backend against the float64 reference (forward and the gradient of
+every input through all three outputs), gate-sparse = dense bit for bit, opcheck,
+torch.compile, bad input, and the NeutralResidue module with its loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICE, backend_params
+
+import modekernels
+from modekernels import BackendUnavailable
+from modekernels.nn import NeutralResidue, neutral_residue_loss
+from modekernels.ops.neutral_residue import _neutral_residue_op
+from modekernels.reference import neutral_residue as reference
+
+BACKENDS = backend_params("reference", "triton")
+NAMES = ("x", "w_in", "w_glu", "w_out", "w_gate", "b_gate", "b_in", "b_glu", "b_out", "residual")
+# (T, d, d_adapter): zero rows, one row, odd and non-power-of-two sizes, more than one tile.
+SHAPES = [(0, 33, 7), (1, 33, 7), (37, 33, 7), (64, 48, 24), (5, 16, 1)]
+# (glu, gate, activation, biases, residual)
+VARIANTS = [
+    (True, "relu", "silu", True, True),
+    (True, "sigmoid", "gelu", False, False),
+    (False, "none", "relu", True, False),
+    (False, "relu", "gelu", True, True),
+    (True, "none", "silu", False, True),
+]
+# Each variant on three of the shapes, every shape on three variants.
+CASES = [
+    pytest.param(SHAPES[(i + j) % len(SHAPES)], v, id=f"{'x'.join(map(str, SHAPES[(i + j) % 5]))}-"
+                 + "-".join(map(str, v)))
+    for i, v in enumerate(VARIANTS)
+    for j in range(3)
+]
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+# Gradients pass through three roundings to bfloat16 (dy_a, dh, d pre) before their GEMMs.
+GRAD_TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 5e-2}
+
+
+def _inputs(T, d, d_a, glu, gate, biases, residual, *, gate_bias=0.1) -> dict:
+    """float64 master inputs on DEVICE, scaled so that every intermediate is O(1)."""
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, dtype=torch.float64, device=DEVICE) * scale
+
+    gated = gate != "none"
+    return {
+        "x": rand(T, d),
+        "w_in": rand(d_a, d, scale=d**-0.5),
+        "w_glu": rand(d_a, d, scale=d**-0.5) if glu else None,
+        "w_out": rand(d, d_a, scale=d_a**-0.5),
+        "w_gate": rand(d, scale=d**-0.5) if gated else None,
+        "b_gate": torch.tensor(gate_bias, dtype=torch.float64, device=DEVICE)
+        if gated and biases
+        else None,
+        "b_in": rand(d_a, scale=0.5) if biases else None,
+        "b_glu": rand(d_a, scale=0.5) if biases and glu else None,
+        "b_out": rand(d, scale=0.5) if biases else None,
+        "residual": rand(T, d) if residual else None,
+    }
+
+
+def _cast(inputs: dict, dtype, requires_grad=False) -> dict:
+    return {
+        k: None if t is None else t.to(dtype).requires_grad_(requires_grad)
+        for k, t in inputs.items()
+    }
+
+
+def _call(t: dict, activation, gate, backend=None, sparse=False):
+    return modekernels.neutral_residue(
+        t["x"], t["w_in"], t["w_glu"], t["w_out"], t["w_gate"], t["b_gate"],
+        b_in=t["b_in"], b_glu=t["b_glu"], b_out=t["b_out"], residual=t["residual"],
+        activation=activation, gate=gate, sparse=sparse, backend=backend,
+    )
+
+
+def _oracle(t: dict, activation, gate):
+    """The reference formula by autograd, on float64 inputs."""
+    y, g, l1, _ = reference.neutral_residue(
+        *(t[k] for k in NAMES), activation, gate, False, False
+    )
+    return y, g, l1
+
+
+def _assert_close(actual, expected, dtype, what, tolerance=TOLERANCE):
+    assert actual.shape == expected.shape, what
+    assert not actual.isnan().any(), f"{what}: NaN"
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    error = (actual.double() - expected).abs().max().item() if expected.numel() else 0.0
+    assert error <= tolerance[dtype] * max(scale, 1.0), f"{what}: error {error}, scale {scale}"
+
+
+def _poison_allocator(x):
+    """Fill and free memory the op's outputs may reuse, so that an unwritten output shows."""
+    poison = torch.full((4 * x.numel() + 4096,), float("nan"), device=x.device)
+    del poison
+
+
+def _cotangents(y, g, l1, dtype):
+    """Random output gradients; none for l1 below float32, where ‖·‖₁'s sign flips for the
+    entries within rounding of 0 (its gradient is checked in float32)."""
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    out = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(DEVICE) for t in (y, g, l1)]
+    if dtype != torch.float32:
+        out[2].zero_()
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape, variant", CASES)
+def test_forward_and_gradients_match_reference(backend, dtype, variant, shape):
+    glu, gate, activation, biases, residual = variant
+    master = _cast(_inputs(*shape, glu, gate, biases, residual), dtype)  # representable in dtype
+    exact = _cast(master, torch.float64, requires_grad=True)
+    expected = _oracle(exact, activation, gate)
+    cotangents = _cotangents(*expected, dtype)
+    expected_grads = torch.autograd.grad(
+        sum((o * c).sum() for o, c in zip(expected, cotangents)),
+        [t for t in exact.values() if t is not None],
+    )
+
+    t = _cast(master, dtype, requires_grad=True)
+    _poison_allocator(t["x"])
+    outputs = _call(t, activation, gate, backend)
+    assert outputs[0].dtype == dtype
+    assert outputs[1].dtype == outputs[2].dtype == torch.float32
+    for name, a, e in zip(("y", "g", "l1"), outputs, expected):
+        _assert_close(a, e, dtype, name)
+    grads = torch.autograd.grad(
+        sum((o.double() * c).sum() for o, c in zip(outputs, cotangents)),
+        [x for x in t.values() if x is not None],
+    )
+    names = [k for k, x in t.items() if x is not None]
+    for name, a, e, x in zip(names, grads, expected_grads, [x for x in t.values() if x is not None]):
+        assert a.dtype == x.dtype and a.shape == x.shape, name
+        _assert_close(a, e, dtype, f"d{name}", GRAD_TOLERANCE)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_output_alone_has_the_right_gradient(backend):
+    """Unused outputs reach the backward as None: each output's gradient alone."""
+    master = _inputs(29, 20, 6, True, "sigmoid", True, True)
+    exact = _cast(master, torch.float64, requires_grad=True)
+    t = _cast(master, torch.float32, requires_grad=True)
+    leaves = [x for x in t.values() if x is not None]
+    exact_leaves = [x for x in exact.values() if x is not None]
+    for which in range(3):
+        expected = torch.autograd.grad(
+            _oracle(exact, "gelu", "sigmoid")[which].sum(), exact_leaves, allow_unused=True
+        )
+        actual = torch.autograd.grad(
+            _call(t, "gelu", "sigmoid", backend)[which].sum(), leaves, allow_unused=True
+        )
+        for a, e in zip(actual, expected):
+            if e is None:
+                assert a is None or not a.any()
+            else:
+                _assert_close(a, e, torch.float32, f"output {which}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "gate_bias", [-0.6, -100.0, 100.0], ids=["some-off", "all-off", "all-on"]
+)
+@pytest.mark.parametrize("T", [1, 45])
+def test_gate_sparse_is_bit_identical_to_dense(backend, dtype, gate_bias, T):
+    master = _inputs(T, 33, 7, True, "relu", True, True, gate_bias=gate_bias)
+    t = _cast(master, dtype)
+    dense = _call(t, "silu", "relu", backend)
+    sparse = _call(t, "silu", "relu", backend, sparse=True)
+    if gate_bias == -0.6 and T > 1:
+        off = (dense[1] == 0).sum().item()
+        assert 0 < off < T, "the test needs some rows gated off and some on"
+    for d, s in zip(dense, sparse):
+        assert torch.equal(d.view(torch.uint8), s.view(torch.uint8))
+    # The backward through the sparse path matches the dense one.
+    t = _cast(master, dtype, requires_grad=True)
+    leaves = [x for x in t.values() if x is not None]
+    grads = [
+        torch.autograd.grad(sum(o.float().sum() for o in _call(t, "silu", "relu", backend,
+                                                                 sparse=mode)), leaves)
+        for mode in (False, True)
+    ]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_cuda_backend_is_not_implemented():
+    t = _cast(_inputs(4, 8, 3, True, "relu", True, False), torch.float32)
+    with pytest.raises(BackendUnavailable, match="no cuda implementation"):
+        _call(t, "silu", "relu", "cuda")
+
+
+def _op_args(t: dict, activation, gate, sparse, keep_pre, backend):
+    return (*(t[k] for k in NAMES), activation, gate, sparse, keep_pre, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    for variant, shape in [(VARIANTS[0], (9, 12, 5)), (VARIANTS[2], (6, 16, 4))]:
+        glu, gate, activation, biases, residual = variant
+        for requires_grad in (False, True):
+            t = _cast(_inputs(*shape, glu, gate, biases, residual), torch.float32, requires_grad)
+            torch.library.opcheck(
+                _neutral_residue_op,
+                _op_args(t, activation, gate, False, requires_grad, backend),
+            )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_torch_compile_fullgraph_matches_eager(backend, sparse):
+    master = _inputs(21, 24, 6, True, "relu", True, True, gate_bias=-0.2)
+
+    def block(t):
+        y, g, l1 = _call(t, "gelu", "relu", backend, sparse=sparse)
+        return y.float().sum() + g.sum() + l1.sum(), y
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)
+    t_eager = _cast(master, torch.float32, requires_grad=True)
+    t_compiled = _cast(master, torch.float32, requires_grad=True)
+    loss_e, y_e = block(t_eager)
+    loss_c, y_c = compiled(t_compiled)
+    torch.testing.assert_close(y_c, y_e)
+    loss_e.backward()
+    loss_c.backward()
+    for k in NAMES:
+        if t_eager[k] is not None:
+            torch.testing.assert_close(t_compiled[k].grad, t_eager[k].grad, msg=k)
+
+
+def _good():
+    return _cast(_inputs(6, 10, 4, True, "relu", True, True), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda t: t.update(w_in=t["w_in"][:, :-1]), ValueError, r"w_in.shape\[1\]"),
+        (lambda t: t.update(w_glu=t["w_glu"][:-1]), ValueError, r"w_glu.shape\[0\]"),
+        (lambda t: t.update(w_out=t["w_out"][:, :-1]), ValueError, r"w_out.shape\[1\]"),
+        (lambda t: t.update(w_out=t["w_out"][:-1]), ValueError, r"w_out.shape\[0\]"),
+        (lambda t: t.update(w_gate=t["w_gate"][:-1]), ValueError, r"w_gate.shape\[0\]"),
+        (lambda t: t.update(b_in=t["b_in"][:-1]), ValueError, r"b_in.shape\[0\]"),
+        (lambda t: t.update(b_out=t["b_out"][:-1]), ValueError, r"b_out.shape\[0\]"),
+        (lambda t: t.update(b_gate=t["b_gate"][None]), ValueError, "b_gate"),
+        (lambda t: t.update(residual=t["residual"][:-1]), ValueError, r"residual.shape\[0\]"),
+        (lambda t: t.update(w_out=t["w_out"].double()), TypeError, "w_out"),
+        (lambda t: t.update(b_glu=t["b_glu"].half()), TypeError, "b_glu"),
+        (lambda t: t.update(x=t["x"].long()), TypeError, "x"),
+        (lambda t: t.update(x=t["x"][0]), ValueError, "x"),
+        (lambda t: t.update(w_gate=t["w_gate"].to("meta")), ValueError, "w_gate"),
+        (lambda t: t.update(residual=t["residual"].to("meta")), ValueError, "residual"),
+        (lambda t: t.update(w_gate=None, b_gate=None), ValueError, "w_gate"),
+        (lambda t: t.update(w_glu=None), ValueError, "b_glu"),
+    ],
+)
+def test_bad_input_names_the_argument(change, error, match):
+    t = _good()
+    change(t)
+    with pytest.raises(error, match=match):
+        _call(t, "silu", "relu")
+
+
+@pytest.mark.parametrize(
+    "activation, gate, match", [("tanh", "relu", "activation"), ("silu", "softmax", "gate")]
+)
+def test_bad_option_names_the_argument(activation, gate, match):
+    with pytest.raises(ValueError, match=match):
+        _call(_good(), activation, gate)
+
+
+def test_backward_without_kept_preactivations_raises():
+    t = _good()
+    args = _op_args(t, "silu", "relu", False, False, None)
+    w_in = t["w_in"].requires_grad_()
+    y, g, l1, pre = _neutral_residue_op(*args[:1], w_in, *args[2:])
+    with pytest.raises(RuntimeError, match="pre-activations"):
+        y.sum().backward()
+
+
+# The module ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("glu, gate", [(True, "relu"), (False, "sigmoid"), (True, "none")])
+def test_module_output_is_exactly_zero_at_init(backend, glu, gate):
+    module = NeutralResidue(24, 8, num_layers=3, glu=glu, gate=gate).to(DEVICE)
+    x = torch.randn(2, 5, 24, device=DEVICE)
+    residual = torch.randn(2, 5, 24, device=DEVICE)
+    with modekernels.use_backend(backend):
+        y, g, l1 = module(x)
+        y_r, _, _ = module(x, residual)
+    assert y.shape == (2, 5, 24) and g.shape == l1.shape == (2, 5)
+    assert torch.equal(y, torch.zeros_like(y)) and torch.equal(l1, torch.zeros_like(l1))
+    assert torch.equal(y_r, residual)
+
+
+def test_module_initialisation_variances():
+    d, L = 512, 4
+    module = NeutralResidue(d, 256, num_layers=L)
+    for name in ("w_in", "w_glu"):
+        var = getattr(module, name).var().item()
+        assert abs(var * d * L - 1) < 0.05, name
+    assert abs(module.w_gate.var().item() * d * L - 1) < 0.2  # d samples only
+    assert not module.w_out.any() and not module.b_out.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_matches_the_op_and_trains(backend):
+    module = NeutralResidue(20, 6, activation="gelu", gate="relu", sparse=False).to(DEVICE)
+    with torch.no_grad():
+        module.w_out.normal_()
+    x = torch.randn(3, 7, 20, device=DEVICE)
+    with modekernels.use_backend(backend):
+        y, g, l1 = module(x)
+        y_op, g_op, l1_op = modekernels.neutral_residue(
+            x.reshape(21, 20), module.w_in, module.w_glu, module.w_out, module.w_gate,
+            module.b_gate, b_in=module.b_in, b_glu=module.b_glu, b_out=module.b_out,
+            activation="gelu",
+        )
+        torch.testing.assert_close(y, y_op.view(3, 7, 20))
+        torch.testing.assert_close(l1, l1_op.view(3, 7))
+        (y.sum() + l1.sum()).backward()
+    assert all(p.grad is not None for p in module.parameters())
+
+
+def test_neutral_residue_loss_from_l1():
+    l1 = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], requires_grad=True)
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    loss = neutral_residue_loss(l1, mask, d_model=2)
+    assert math.isclose(loss.item(), (1 + 3 + 6) / 3 / 2, rel_tol=1e-6)
+    loss.backward()
+    torch.testing.assert_close(l1.grad, mask.float() / 6)
+    none = neutral_residue_loss(l1, torch.zeros_like(mask), d_model=2)
+    assert none.item() == 0.0 and none.requires_grad
+
+
+@pytest.mark.parametrize(
+    "mask, error",
+    [
+        (torch.ones(2, 2, dtype=torch.bool), ValueError),
+        (torch.ones(6, dtype=torch.bool), ValueError),
+        (torch.ones(2, 3), TypeError),
+        (torch.ones(2, 3, dtype=torch.bool, device="meta"), ValueError),
+    ],
+)
+def test_neutral_residue_loss_rejects_a_bad_mask(mask, error):
+    with pytest.raises(error, match="mask"):
+        neutral_residue_loss(torch.ones(2, 3), mask, d_model=4)
