@@ -1,0 +1,582 @@
+"""Instance-level surgery on Hugging Face transformer models: the patching core.
+
+What this module knows about each supported family is where a block's feed-forward network (FFN)
+lives and how its input and output flow:
+
+=============  ==========================  =====================================================
+family         blocks                      FFN of a block
+=============  ==========================  =====================================================
+``bert``       ``encoder.layer`` (BERT,    ``intermediate`` (x -> act(W1 x)) then ``output``
+               RoBERTa)                    (LayerNorm(dropout(W2 h) + x)); the wrapper replaces
+                                           ``output``, which sees both h and the FFN input x
+``gpt2``       ``h``                       ``mlp``: dropout(c_proj(act(c_fc(x))))
+``llama``      ``layers`` (Llama, Mistral, ``mlp``: down(act(gate(x)) * up(x))
+               Qwen2, Qwen3, ...)
+=============  ==========================  =====================================================
+
+A wrapper (:class:`PatchedFFN`, :class:`PatchedBlock`) replaces one submodule of one instance.
+It holds the original module outside the module tree and registers the original's children as
+its own, so the backbone's parameter names (and ``save_pretrained`` checkpoints) do not change;
+the added modules live under the wrapper's ``added`` dict. Classes are never touched.
+:func:`unpatch` puts every original module back and restores which parameters were trainable.
+
+Added FFN modules follow one protocol: ``forward(x, h) -> h`` where x is the FFN input and h the
+FFN output so far (a parallel branch returns ``h + f(x)``, a post-FFN adapter ``h + f(h)``); a
+module whose class sets ``replaces_ffn = True`` is called as ``forward(x) -> h`` instead of the
+dense FFN (MoEBERT's experts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+__all__ = [
+    "DenseFFN",
+    "Family",
+    "PatchedBlock",
+    "PatchedFFN",
+    "SurgeryReport",
+    "added_modules",
+    "detect_family",
+    "patch_records",
+    "unpatch",
+]
+
+STATE_ATTR = "_modekernels_surgery"
+
+
+# --------------------------------------------------------------------------- families
+
+
+@dataclass(frozen=True)
+class DenseFFN:
+    """A block's dense FFN in neuron-major layout: neuron j is row j of ``w_in`` (and ``w_up``)
+    and column j of ``w_out``. ``w_up`` is set for gated FFNs: act(w_in x) * (w_up x)."""
+
+    w_in: torch.Tensor  # (d_ff, d)
+    w_out: torch.Tensor  # (d, d_ff)
+    b_in: Optional[torch.Tensor]  # (d_ff,)
+    b_out: Optional[torch.Tensor]  # (d,)
+    activation: str
+    w_up: Optional[torch.Tensor] = None  # (d_ff, d)
+    b_up: Optional[torch.Tensor] = None
+    neuron_params: tuple = ()  # ((parameter, neuron dim), ...) for importance scores
+
+    @property
+    def d_ff(self) -> int:
+        return self.w_in.shape[0]
+
+    @property
+    def gated(self) -> bool:
+        return self.w_up is not None
+
+
+class Family:
+    """Where the blocks and FFNs of one model family live.
+
+    ``ffn_attr`` names the submodule of a block that :class:`PatchedFFN` replaces;
+    ``dense_children`` the children of that submodule that hold the dense FFN (dropped from the
+    wrapper when experts replace it); ``style`` selects the wrapper's glue (``"bert"`` for
+    ``BertOutput``'s (h, x) call, ``"mlp"`` for an x -> y module).
+    """
+
+    def __init__(self, name: str, ffn_attr: str, dense_children: tuple, style: str):
+        self.name = name
+        self.ffn_attr = ffn_attr
+        self.dense_children = dense_children
+        self.style = style
+
+    def __repr__(self) -> str:
+        return f"Family({self.name!r})"
+
+    def dense_ffn(self, block: nn.Module) -> DenseFFN:
+        """The dense FFN of ``block`` (a patched block or FFN is looked through)."""
+        block = unwrap(block)
+        if self.name == "bert":
+            inner, outer = unwrap(block.intermediate), unwrap(getattr(block, self.ffn_attr))
+            fc1, fc2 = inner.dense, outer.dense
+            return DenseFFN(
+                fc1.weight, fc2.weight, fc1.bias, fc2.bias, _activation_name(inner.intermediate_act_fn),
+                neuron_params=((fc1.weight, 0), (fc2.weight, 1)),
+            )
+        mlp = unwrap(getattr(block, self.ffn_attr))
+        if self.name == "gpt2":  # Conv1D: y = x @ W + b, W (in, out)
+            return DenseFFN(
+                mlp.c_fc.weight.t(), mlp.c_proj.weight.t(), mlp.c_fc.bias, mlp.c_proj.bias,
+                _activation_name(mlp.act),
+                neuron_params=((mlp.c_fc.weight, 1), (mlp.c_proj.weight, 0)),
+            )
+        return DenseFFN(
+            mlp.gate_proj.weight, mlp.down_proj.weight, mlp.gate_proj.bias, mlp.down_proj.bias,
+            _activation_name(mlp.act_fn), w_up=mlp.up_proj.weight, b_up=mlp.up_proj.bias,
+            neuron_params=((mlp.gate_proj.weight, 0), (mlp.up_proj.weight, 0), (mlp.down_proj.weight, 1)),
+        )
+
+
+FAMILIES = {
+    "bert": Family("bert", "output", ("dense",), "bert"),
+    "gpt2": Family("gpt2", "mlp", ("c_fc", "c_proj", "act"), "mlp"),
+    "llama": Family("llama", "mlp", ("gate_proj", "up_proj", "down_proj", "act_fn"), "mlp"),
+}
+
+_BLOCK_LISTS = ("encoder.layer", "h", "layers", "decoder.layers")
+
+
+def _activation_name(fn: Callable) -> str:
+    """The activation's name in modekernels' vocabulary (``gelu`` is erf GELU)."""
+    name = type(fn).__name__
+    table = {
+        "GELUActivation": "gelu", "GELU": "gelu", "SiLU": "silu", "SiLUActivation": "silu",
+        "ReLU": "relu", "NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh",
+        "PytorchGELUTanh": "gelu_tanh", "FastGELUActivation": "gelu_tanh",
+    }
+    if name == "GELU" and getattr(fn, "approximate", "none") == "tanh":
+        return "gelu_tanh"
+    if name in table:
+        return table[name]
+    if fn in (torch.nn.functional.gelu,):
+        return "gelu"
+    if fn in (torch.nn.functional.silu,):
+        return "silu"
+    if fn in (torch.nn.functional.relu, torch.relu):
+        return "relu"
+    raise ValueError(f"unsupported FFN activation {fn!r}")
+
+
+def _block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    base = getattr(model, "base_model", model)
+    prefix = next((n for n, m in model.named_modules() if m is base), "")
+    for path in _BLOCK_LISTS:
+        node = base
+        for part in path.split("."):
+            node = getattr(node, part, None)
+        if isinstance(node, nn.ModuleList) and len(node) > 0:
+            return (f"{prefix}.{path}" if prefix else path), node
+    raise ValueError(
+        f"{type(model).__name__}: no transformer blocks found (looked for "
+        f"{', '.join(_BLOCK_LISTS)} under the base model); supported families: BERT/RoBERTa, "
+        "GPT-2, Llama-style (Llama, Mistral, Qwen2, Qwen3)"
+    )
+
+
+def detect_family(model: nn.Module) -> Family:
+    """The :class:`Family` of ``model``; raises ValueError naming the model when unsupported."""
+    _, blocks = _block_list(model)
+    block = unwrap(blocks[0])
+    mlp = unwrap(getattr(block, "mlp", None))
+    if hasattr(block, "intermediate") and hasattr(unwrap(getattr(block, "output", None)), "dense"):
+        return FAMILIES["bert"]
+    if mlp is not None and all(hasattr(mlp, a) for a in ("c_fc", "c_proj")):
+        return FAMILIES["gpt2"]
+    if mlp is not None and all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj")):
+        return FAMILIES["llama"]
+    raise ValueError(
+        f"{type(model).__name__}: unsupported block {type(block).__name__}; supported families: "
+        "BERT/RoBERTa, GPT-2, Llama-style (Llama, Mistral, Qwen2, Qwen3)"
+    )
+
+
+def blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The dotted name and the ModuleList of the transformer blocks of ``model``."""
+    return _block_list(model)
+
+
+def resolve_layers(model: nn.Module, layers: Optional[Iterable[int]]) -> list[int]:
+    """Sorted block indices: all blocks when ``layers`` is None; negative indices count back."""
+    _, block_list = _block_list(model)
+    n = len(block_list)
+    if layers is None:
+        return list(range(n))
+    out = set()
+    for i in layers:
+        if not isinstance(i, int) or not -n <= i < n:
+            raise ValueError(f"layers: {i!r} is not a block index of a model with {n} blocks")
+        out.add(i % n)
+    if not out:
+        raise ValueError("layers must name at least one block")
+    return sorted(out)
+
+
+def hidden_size(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    size = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    if size is None:
+        raise ValueError(f"{type(model).__name__}: config has no hidden_size")
+    return int(size)
+
+
+# --------------------------------------------------------------------------- wrappers
+
+
+def unwrap(module: Optional[nn.Module]) -> Optional[nn.Module]:
+    """The original module behind a wrapper (the module itself when it is not one)."""
+    while isinstance(module, _Wrapper):
+        module = module.original
+    return module
+
+
+class _Wrapper(nn.Module):
+    """Base of the wrappers: shares the original's children (same parameter names) and keeps
+    the original itself outside the module tree, for :func:`unpatch`."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        own = [n for n, _ in original.named_parameters(recurse=False)]
+        own += [n for n, _ in original.named_buffers(recurse=False)]
+        if own:
+            raise ValueError(
+                f"cannot wrap {type(original).__name__}: it holds tensors directly ({own}), "
+                "not in child modules"
+            )
+        self.__dict__["original"] = original
+        for name, child in original.named_children():
+            self.add_module(name, child)
+        self.added = nn.ModuleDict()
+        self.train(original.training)
+
+    def _get_name(self) -> str:
+        return f"{type(self).__name__}[{type(self.original).__name__}]"
+
+    def extra_repr(self) -> str:
+        if not len(self.added):
+            return ""
+        parts = [f"{n}: {sum(p.numel() for p in m.parameters()):,} params" for n, m in self.added.items()]
+        return "added by modekernels: " + ", ".join(parts)
+
+
+class PatchedFFN(_Wrapper):
+    """Stands in for one block's FFN module and runs the modules added to it.
+
+    ``mlp`` style (GPT-2, Llama): ``forward(x) -> y``. ``bert`` style (``BertOutput``):
+    ``forward(h, x) -> LayerNorm(dropout(y) + x)`` with h = ``intermediate(x)``. y is the dense FFN
+    output (or the experts' output after :func:`~modekernels.hf.moefy`) passed through each added
+    module's ``forward(x, y)`` in the order they were added.
+    """
+
+    def __init__(self, original: nn.Module, family: Family):
+        super().__init__(original)
+        self.style = family.style
+
+    def _core(self, x: torch.Tensor, hidden: Optional[torch.Tensor]) -> torch.Tensor:
+        for module in self.added.values():
+            if getattr(module, "replaces_ffn", False):
+                y = module(x)
+                return self.dropout(y) if self.style == "mlp" and hasattr(self, "dropout") else y
+        if self.style == "bert":
+            return self.dense(hidden)
+        return self.original(x)
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        values = list(args) + list(kwargs.values())
+        if self.style == "bert":
+            hidden, x = values
+        else:
+            hidden, (x,) = None, values
+        y = self._core(x, hidden)
+        for module in self.added.values():
+            if not getattr(module, "replaces_ffn", False):
+                y = module(x, y)
+        if self.style == "bert":
+            return self.LayerNorm(self.dropout(y) + x)
+        return y
+
+
+class Bypass(_Wrapper):
+    """Stands in for BERT's ``intermediate`` once experts replace the dense FFN: passes the FFN
+    input through to the patched ``output``, which runs the experts on it."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__(original)
+        for name in list(self._modules):
+            if name != "added":
+                delattr(self, name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class PatchedBlock(_Wrapper):
+    """Stands in for one transformer block; ``added`` holds modules that see the block's input
+    and output (``forward(x, y, **block_kwargs) -> y``), for instance MoDE's domain experts."""
+
+    def forward(self, *args, **kwargs):
+        y = self.original(*args, **kwargs)
+        x = args[0] if args else kwargs["hidden_states"]
+        for module in self.added.values():
+            y = module(x, y, *args[1:], **kwargs)
+        return y
+
+
+def replace_child(parent: nn.Module, name: str, new: nn.Module) -> None:
+    """Set ``parent.name = new``, also on the original behind ``parent`` when it is a wrapper
+    (whose forward runs the original)."""
+    setattr(parent, name, new)
+    if isinstance(parent, _Wrapper):
+        replace_child(parent.original, name, new)
+
+
+def ffn_wrapper(model: nn.Module, layer: int, create: bool = True) -> Optional[PatchedFFN]:
+    """The :class:`PatchedFFN` of block ``layer``, created on first use when ``create``."""
+    family = detect_family(model)
+    _, block_list = _block_list(model)
+    block = block_list[layer]
+    current = getattr(block, family.ffn_attr)
+    if isinstance(current, PatchedFFN) or not create:
+        return current if isinstance(current, PatchedFFN) else None
+    wrapper = PatchedFFN(current, family)
+    replace_child(block, family.ffn_attr, wrapper)
+    return wrapper
+
+
+def block_wrapper(model: nn.Module, layer: int, create: bool = True) -> Optional[PatchedBlock]:
+    """The :class:`PatchedBlock` of block ``layer``, created on first use when ``create``."""
+    _, block_list = _block_list(model)
+    current = block_list[layer]
+    if isinstance(current, PatchedBlock) or not create:
+        return current if isinstance(current, PatchedBlock) else None
+    wrapper = PatchedBlock(current)
+    block_list[layer] = wrapper
+    return wrapper
+
+
+def _bypass_dense(model: nn.Module, layer: int, wrapper: PatchedFFN) -> None:
+    """Experts replace the dense FFN of block ``layer``: drop its weights from the wrapper and,
+    for BERT, pass the FFN input straight through ``intermediate``."""
+    family = detect_family(model)
+    for name in family.dense_children:
+        if name in wrapper._modules:
+            delattr(wrapper, name)
+    _, block_list = _block_list(model)
+    block = block_list[layer]
+    intermediate = getattr(block, "intermediate", None)
+    if family.name == "bert" and not isinstance(intermediate, Bypass):
+        replace_child(block, "intermediate", Bypass(intermediate))
+
+
+def remove_added(model: nn.Module, layer: int, key: str) -> None:
+    """Remove the module ``key`` added to block ``layer`` (FFN or block level); a wrapper left
+    with nothing added is replaced by its original."""
+    _, block_list = _block_list(model)
+    family = detect_family(model)
+    ffn = ffn_wrapper(model, layer, create=False)
+    if ffn is not None and key in ffn.added:
+        replaced = getattr(ffn.added[key], "replaces_ffn", False)
+        del ffn.added[key]
+        if not len(ffn.added):
+            _restore_ffn(block_list[layer], family, ffn)
+        elif replaced:  # back to the dense FFN
+            for name in family.dense_children:
+                ffn.add_module(name, getattr(ffn.original, name))
+            intermediate = getattr(block_list[layer], "intermediate", None)
+            if isinstance(intermediate, Bypass):
+                replace_child(block_list[layer], "intermediate", intermediate.original)
+    records = patch_records(model)
+    if layer in records.get(key, {}):
+        del records[key][layer]
+        if not records[key]:
+            del records[key]
+    block = block_wrapper(model, layer, create=False)
+    if block is not None and key in block.added:
+        del block.added[key]
+        if not len(block.added):
+            block_list[layer] = block.original
+            block.original.train(block.training)
+
+
+def _restore_ffn(block: nn.Module, family: Family, ffn: PatchedFFN) -> None:
+    ffn.original.train(ffn.training)
+    replace_child(block, family.ffn_attr, ffn.original)
+    intermediate = getattr(block, "intermediate", None)
+    if isinstance(intermediate, Bypass):
+        replace_child(block, "intermediate", intermediate.original)
+
+
+# --------------------------------------------------------------------------- state and report
+
+
+@dataclass
+class SurgeryReport:
+    """What one surgery added to a model.
+
+    ``method``: the surgery's name; ``layers``: block indices it changed; ``modules``: dotted name
+    -> description of each added module; ``added_parameters``; ``trainable_parameters`` and
+    ``total_parameters`` of the model afterwards; ``options``: the settings that rebuild it (saved
+    by :func:`~modekernels.hf.save_modules`).
+    """
+
+    method: str
+    layers: list
+    modules: dict
+    added_parameters: int
+    trainable_parameters: int
+    total_parameters: int
+    options: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.method}: {len(self.modules)} modules on blocks {self.layers}, "
+            f"{self.added_parameters:,} parameters added "
+            f"({self.added_parameters / max(self.total_parameters - self.added_parameters, 1):.2%} of the base); "
+            f"trainable {self.trainable_parameters:,} of {self.total_parameters:,}"
+        ]
+        lines += [f"  {name}: {what}" for name, what in self.modules.items()]
+        return "\n".join(lines)
+
+
+def patch_records(model: nn.Module) -> dict:
+    """The surgeries applied to ``model``: method -> {block index: options}."""
+    state = model.__dict__.get(STATE_ATTR)
+    return {} if state is None else state["records"]
+
+
+def _state(model: nn.Module) -> dict:
+    state = model.__dict__.get(STATE_ATTR)
+    if state is None:
+        state = {
+            "records": {},
+            "hooks": {},
+            "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        }
+        model.__dict__[STATE_ATTR] = state
+    return state
+
+
+def ensure_forward_pre_hook(model: nn.Module, hook: Callable) -> None:
+    """Register ``hook(model, args, kwargs)`` as a forward pre-hook of ``model`` once (keyword
+    arguments included); :func:`unpatch` removes it."""
+    hooks = _state(model)["hooks"]
+    if hook not in hooks:
+        hooks[hook] = model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def added_modules(model: nn.Module, method: Optional[str] = None) -> dict:
+    """Dotted name -> module for every module added by modekernels (of one ``method`` when
+    given; an added module's key in its wrapper is its method name)."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, _Wrapper):
+            for key, added in module.added.items():
+                if method is None or key == method:
+                    out[f"{name}.added.{key}"] = added
+    return out
+
+
+def finish_surgery(
+    model: nn.Module, method: str, layers: list, options: dict, freeze_base: Optional[bool]
+) -> SurgeryReport:
+    """Set what trains after a surgery on ``model`` and build its report. ``freeze_base``
+    True: only added modules train; False: added modules train too; None: leave the flags."""
+    mine = added_modules(model, method)
+    if freeze_base:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    if freeze_base is not None:
+        for module in added_modules(model).values():
+            module.requires_grad_(True)
+    return SurgeryReport(
+        method=method,
+        layers=list(layers),
+        modules={n: _describe(m) for n, m in mine.items()},
+        added_parameters=sum(p.numel() for m in mine.values() for p in m.parameters()),
+        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        total_parameters=sum(p.numel() for p in model.parameters()),
+        options=dict(options),
+    )
+
+
+def _describe(module: nn.Module) -> str:
+    shapes = ", ".join(f"{n} {tuple(p.shape)}" for n, p in module.named_parameters())
+    return f"{type(module).__name__}({shapes})"
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo every surgery on ``model``: put the original modules back, drop the added ones,
+    and restore which parameters were trainable. Returns ``model``."""
+    _, block_list = _block_list(model)
+    family = detect_family(model)
+    for i in range(len(block_list)):
+        block = block_list[i]
+        ffn = getattr(block, family.ffn_attr)
+        if isinstance(ffn, PatchedFFN):
+            _restore_ffn(block, family, ffn)
+        if isinstance(block, PatchedBlock):
+            block_list[i] = block.original
+            block.original.train(block.training)
+    state = model.__dict__.pop(STATE_ATTR, None)
+    if state is not None:
+        for handle in state["hooks"].values():
+            handle.remove()
+        for name, p in model.named_parameters():
+            if name in state["requires_grad"]:
+                p.requires_grad_(state["requires_grad"][name])
+    return model
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True)
+class Method:
+    """One kind of surgery, as :func:`apply` and the module I/O see it.
+
+    ``build(model, layer, options)`` makes the module added at block ``layer`` (its key in the
+    wrapper's ``added`` dict is ``name``); ``level`` is ``"ffn"`` (added to the block's
+    :class:`PatchedFFN`) or ``"block"`` (to its :class:`PatchedBlock`). ``options`` is a JSON-able
+    dict that rebuilds the same modules on any host (saved by ``save_modules``).
+    """
+
+    name: str
+    level: str
+    build: Callable[[nn.Module, int, dict], nn.Module]
+
+
+METHODS: dict = {}
+
+
+def register_method(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def _host_tensor(model: nn.Module, layer: int) -> torch.Tensor:
+    _, block_list = _block_list(model)
+    return next(unwrap(block_list[layer]).parameters())
+
+
+def attach(model: nn.Module, method: Method, layer: int, options: dict) -> nn.Module:
+    """Build ``method``'s module for block ``layer`` on the host's device and dtype and add it;
+    raises ValueError if that block already has one."""
+    wrapper = (ffn_wrapper if method.level == "ffn" else block_wrapper)(model, layer)
+    if method.name in wrapper.added:
+        raise ValueError(f"block {layer} already has a {method.name} module; unpatch(model) first")
+    module = method.build(model, layer, options)
+    like = _host_tensor(model, layer)
+    module.to(device=like.device, dtype=like.dtype)
+    module.train(wrapper.training)
+    wrapper.added[method.name] = module
+    if getattr(module, "replaces_ffn", False):
+        _bypass_dense(model, layer, wrapper)
+    _state(model)["records"].setdefault(method.name, {})[layer] = dict(options)
+    return module
+
+
+def module_at(model: nn.Module, method: Method, layer: int) -> Optional[nn.Module]:
+    """``method``'s module at block ``layer``, or None."""
+    wrapper = (ffn_wrapper if method.level == "ffn" else block_wrapper)(model, layer, create=False)
+    return None if wrapper is None else wrapper.added[method.name] if method.name in wrapper.added else None
+
+
+def apply(
+    model: nn.Module, method: Method, layers: Optional[Iterable[int]], options: dict, freeze_base: bool
+) -> SurgeryReport:
+    """Add ``method``'s modules to the chosen blocks of ``model`` and report what was added."""
+    chosen = resolve_layers(model, layers)
+    if method.name in patch_records(model):
+        raise ValueError(f"{method.name} is already applied to this model; unpatch(model) first")
+    for layer in chosen:
+        attach(model, method, layer, options)
+    return finish_surgery(model, method.name, chosen, options, freeze_base)
