@@ -1,0 +1,148 @@
+"""``cuda`` backend of ``grouped_mm``: allocation, layout handling and kernel choice over ``_C``.
+
+Kernels (``csrc/``):
+
+- Hopper (compute capability 9.0, built for ``90a``), float16/bfloat16: CUTLASS ptr-array grouped
+  GEMMs (TMA + WGMMA, fp32 accumulation) reading device-side group shapes, as
+  ``torch._grouped_mm`` does. TMA needs 16-byte aligned data pointers and strides: the row
+  strides of x and dy, w's batch and leading strides and N must be multiples of 8 elements, so in
+  practice K and N multiples of 8.
+- Everything else: a tiled CUDA-core kernel that takes any strides and alignment, with fp32
+  accumulation. It runs float32 (IEEE fp32 products whatever the TF32 setting), unaligned
+  float16/bfloat16, and every dtype on GPUs other than sm_90 (Ampere has no tensor-core path
+  here: correct but far slower than the Triton backend for 16-bit inputs).
+
+So every validated call runs; only the speed depends on the dtype, alignment and GPU. w is used
+in place when it is (E, K, N) with unit stride along N or the transposed view of an (E, N, K)
+tensor (unit stride along K); any other layout is copied once. x and dy are made contiguous.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from modekernels import _C
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_TMA_ALIGNMENT_BYTES = 16
+
+
+@functools.cache
+def _device_facts(index: int) -> tuple[int, int]:
+    """(compute capability as e.g. 90, number of SMs) of a CUDA device."""
+    props = torch.cuda.get_device_properties(index)
+    return props.major * 10 + props.minor, props.multi_processor_count
+
+
+def _weight_in_place_or_copy(w: torch.Tensor) -> torch.Tensor:
+    """w itself when its K or N dimension has unit stride (the two layouts the kernels read),
+    else a contiguous copy."""
+    if w.stride(2) == 1 or w.stride(1) == 1:
+        return w
+    return w.contiguous()
+
+
+def _weight_leading_stride(w: torch.Tensor) -> int:
+    return w.stride(1) if w.stride(2) == 1 else w.stride(2)
+
+
+def _hopper_kernels_fit(
+    sm: int, dtype: torch.dtype, tensors: tuple[torch.Tensor, ...], strides: tuple[int, ...]
+) -> bool:
+    """Whether the sm90 CUTLASS kernels can run: Hopper, 16-bit, each 2-D operand in
+    ``tensors`` with unit column stride, 16-byte aligned pointers and ``strides``."""
+    if sm != 90 or dtype == torch.float32 or not _C.has_sm90_kernels():
+        return False
+    per_16_bytes = _TMA_ALIGNMENT_BYTES // dtype.itemsize
+    return (
+        all(t.data_ptr() % _TMA_ALIGNMENT_BYTES == 0 for t in tensors)
+        and all(t.stride(1) == 1 for t in tensors if t.dim() == 2)
+        and all(s % per_16_bytes == 0 for s in strides)
+    )
+
+
+def _workspace(E: int, dtype: torch.dtype, sm_count: int, device: torch.device) -> torch.Tensor:
+    size = _C.grouped_mm_sm90_workspace_size(E=E, dtype=_DTYPE_CODES[dtype], sm_count=sm_count)
+    return torch.empty(size, dtype=torch.uint8, device=device)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """y[r] = x[r] @ w[e] for the rows r of group e; rows at or past offs[-1] are zero.
+
+    x (S, K), w (E, K, N) (or the transposed view of (E, N, K)), offs (E,) int32 cumulative end
+    rows, all on one CUDA device -> y (S, N) in x's dtype, accumulated in fp32.
+    """
+    S, K = x.shape
+    E, _, N = w.shape
+    y = torch.empty((S, N), dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    if K == 0 or E == 0:
+        return y.zero_()
+    x = x.contiguous()
+    w = _weight_in_place_or_copy(w)
+    offs = offs.contiguous()
+    with torch.cuda.device(x.device):
+        sm, sm_count = _device_facts(x.device.index)
+        args = dict(
+            x=x.data_ptr(), w=w.data_ptr(), offs=offs.data_ptr(), y=y.data_ptr(),
+            S=S, K=K, N=N, E=E,
+            x_stride_s=x.stride(0), x_stride_k=x.stride(1),
+            w_stride_e=w.stride(0), w_stride_k=w.stride(1), w_stride_n=w.stride(2),
+            dtype=_DTYPE_CODES[x.dtype],
+            stream=torch.cuda.current_stream(x.device).cuda_stream,
+        )
+        strides = (x.stride(0), w.stride(0), _weight_leading_stride(w), N)
+        if _hopper_kernels_fit(sm, x.dtype, (x, w, y), strides):
+            workspace = _workspace(E, x.dtype, sm_count, x.device)
+            _C.grouped_mm_sm90(
+                **args,
+                workspace=workspace.data_ptr(),
+                workspace_bytes=workspace.numel(),
+                sm_count=sm_count,
+            )
+        else:
+            _C.grouped_mm_simt(**args)
+    return y
+
+
+def grouped_mm_weight_grad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """dw[e] = x[rows of e]^T @ dy[rows of e]; zero for an empty group.
+
+    x (S, K), dy (S, N), offs (E,) int32 cumulative end rows, all on one CUDA device
+    -> dw (E, K, N) contiguous in x's dtype, accumulated in fp32.
+    """
+    S, K = x.shape
+    N = dy.shape[1]
+    E = offs.shape[0]
+    dw = torch.empty((E, K, N), dtype=x.dtype, device=x.device)
+    if dw.numel() == 0:
+        return dw
+    if S == 0:
+        return dw.zero_()
+    x = x.contiguous()
+    dy = dy.contiguous()
+    offs = offs.contiguous()
+    with torch.cuda.device(x.device):
+        sm, sm_count = _device_facts(x.device.index)
+        args = dict(
+            x=x.data_ptr(), dy=dy.data_ptr(), offs=offs.data_ptr(), dw=dw.data_ptr(),
+            S=S, K=K, N=N, E=E,
+            x_stride_s=x.stride(0), x_stride_k=x.stride(1),
+            dy_stride_s=dy.stride(0), dy_stride_n=dy.stride(1),
+            dtype=_DTYPE_CODES[x.dtype],
+            stream=torch.cuda.current_stream(x.device).cuda_stream,
+        )
+        if _hopper_kernels_fit(sm, x.dtype, (x, dy, dw), (x.stride(0), dy.stride(0), N)):
+            workspace = _workspace(E, x.dtype, sm_count, x.device)
+            _C.grouped_mm_weight_grad_sm90(
+                **args,
+                workspace=workspace.data_ptr(),
+                workspace_bytes=workspace.numel(),
+                sm_count=sm_count,
+            )
+        else:
+            _C.grouped_mm_weight_grad_simt(**args)
+    return dw
