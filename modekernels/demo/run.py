@@ -1,0 +1,251 @@
+"""``modekernels demo``: pretrain a small model on English prose, adapt it to Python source code
+with each method, and report the trade-off between forgetting and new-domain gain.
+
+Offline (both corpora ship with Python), on the CPU by default, deterministic for a seed (every
+number but tokens/s). Writes ``results.json`` and ``tradeoff.png`` to the output directory and
+caches the pretrained checkpoint there.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from modekernels import backends
+from modekernels.demo.corpora import ByteTokenizer, Corpus, build_corpus, code_documents, prose_documents
+from modekernels.demo.methods import DEMO_METHODS, MethodOptions, adapt_with, base_parameter_count
+from modekernels.demo.model import ModelSpec, pretrained_model
+from modekernels.demo.report import MethodResult, format_table, plot, write_json
+from modekernels.demo.train import TrainSettings, batches, evaluate, train
+
+__all__ = ["DEMO_METHODS", "DemoConfig", "available_methods", "demo_config", "run_demo"]
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Model, training budgets and evaluation size. ``mix``: fraction of each adaptation batch
+    drawn from the original domain (the same for every method); ``eval_blocks``: eval blocks
+    per domain."""
+
+    spec: ModelSpec
+    pretrain: TrainSettings
+    adapt: TrainSettings
+    mix: float = 0.1
+    eval_blocks: int = 96
+    eval_batch_size: int = 16
+    methods: MethodOptions = MethodOptions()
+
+
+def demo_config(quick: bool = False, steps: Optional[int] = None) -> DemoConfig:
+    """The default budget (about two minutes of one CPU core), or with ``quick`` a tiny model
+    and a few steps (seconds, for tests). ``steps`` overrides the adaptation steps per method;
+    the adaptation learning rate is each method's own (``MethodOptions.lr_for``)."""
+    if quick:
+        config = DemoConfig(
+            spec=ModelSpec(layers=2, hidden=32, heads=2, context=32),
+            pretrain=TrainSettings(steps=30, batch_size=8, lr=3e-3),
+            adapt=TrainSettings(steps=10, batch_size=8, lr=0.0),
+            eval_blocks=8,
+            eval_batch_size=8,
+        )
+    else:
+        config = DemoConfig(
+            spec=ModelSpec(layers=4, hidden=128, heads=4, context=128),
+            pretrain=TrainSettings(steps=300, batch_size=8, lr=2e-3),
+            adapt=TrainSettings(steps=100, batch_size=8, lr=0.0),
+        )
+    if steps is not None:
+        if steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {steps}")
+        config = replace(config, adapt=replace(config.adapt, steps=steps))
+    return config
+
+
+def available_methods() -> tuple[list[str], dict[str, str]]:
+    """The methods that can run here, and for each one that cannot, why."""
+    needs = {
+        "lora": "peft",
+        "adapter": "modekernels.hf.adapters",
+        "neutral-residues": "modekernels.hf.neutral_residues",
+        "adamix": "modekernels.hf.adamix",
+        "mode": "modekernels.hf.domain_experts",
+    }
+    runnable, skipped = [], {}
+    for method in DEMO_METHODS:
+        try:
+            if method in needs:
+                __import__(needs[method])
+        except ImportError as exc:
+            skipped[method] = f"{needs[method]} cannot be imported ({exc})"
+        else:
+            runnable.append(method)
+    return runnable, skipped
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Records the ``torch.ops.modekernels`` ops that run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "modekernels":
+            self.ops.add(func._schema.name.split("::", 1)[1])
+        return func(*args, **(kwargs or {}))
+
+
+def _backend_of(op: str, device: torch.device) -> str:
+    """The backend that runs ``op`` on ``device`` when no shape rules it out."""
+    chosen = backends.get_backend()
+    if chosen is not None:
+        return chosen
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("modekernels.ops."):
+            continue
+        for value in vars(module).values():
+            if isinstance(value, backends.Dispatch) and value.op == op:
+                try:
+                    return value.resolve(None, device)
+                except Exception:  # a backend's shape rule needs the call's arguments
+                    return "automatic"
+    return "automatic"
+
+
+def backends_used(model: torch.nn.Module, ids: torch.Tensor, inputs: Optional[Callable]) -> str:
+    """``op=backend`` for each modekernels op one forward of ``model`` on ``ids`` runs, or
+    ``"torch"`` when it runs none (plain PyTorch modules only)."""
+    recorder = _OpRecorder()
+    extra = inputs(torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)) if inputs else {}
+    with torch.no_grad(), recorder:
+        model(input_ids=ids, **extra)
+    if not recorder.ops:
+        return "torch"
+    return ", ".join(f"{op}={_backend_of(op, ids.device)}" for op in sorted(recorder.ops))
+
+
+def _corpora(config: DemoConfig, tokenizer: ByteTokenizer) -> tuple[Corpus, Corpus]:
+    block = config.spec.context
+    original = build_corpus("prose", prose_documents(), tokenizer.encode, tokenizer.eos_id, block,
+                            max_eval_blocks=config.eval_blocks)
+    new = build_corpus("code", code_documents(), tokenizer.encode, tokenizer.eos_id, block,
+                       max_eval_blocks=config.eval_blocks)
+    return original, new
+
+
+def run_demo(
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    out: str = "demo_out",
+    steps: Optional[int] = None,
+    quick: bool = False,
+    methods: Optional[list[str]] = None,
+    threads: Optional[int] = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[MethodResult]:
+    """Run the demo and write ``results.json`` and ``tradeoff.png`` under ``out``; returns the
+    rows of the table (also printed through ``log``). ``methods`` picks a subset of
+    :data:`DEMO_METHODS`; ``threads`` sets torch's CPU threads for the run (the model's small
+    matrices gain little from more, and one thread stays fast on a busy machine)."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(device, seed, out, steps, quick, methods, progress, log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(device, seed, out, steps, quick, methods, progress, log) -> list[MethodResult]:
+    started = time.perf_counter()
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but torch sees no CUDA device")
+    config = demo_config(quick, steps)
+    runnable, skipped = available_methods()
+    if methods is not None:
+        unknown = sorted(set(methods) - set(DEMO_METHODS))
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from {list(DEMO_METHODS)}")
+        runnable = [m for m in runnable if m in methods]
+    os.makedirs(out, exist_ok=True)
+
+    tokenizer = ByteTokenizer()
+    original, new = _corpora(config, tokenizer)
+    log(f"original domain: {original.name} ({original.train.numel():,} train tokens); "
+        f"new domain: {new.name} ({new.train.numel():,} train tokens); byte tokenizer; device {device}")
+    base, cached = pretrained_model(config.spec, original, config.pretrain, seed=seed, device=device,
+                                    cache_dir=out, progress=progress)
+    base.requires_grad_(False)
+    base_parameters = base_parameter_count(base)
+    log(f"model: {config.spec.family}, {config.spec.layers} layers, hidden {config.spec.hidden}, "
+        f"{base_parameters:,} parameters, pretrained {config.pretrain.steps} steps"
+        + (" (cached)" if cached else ""))
+
+    def losses(model, inputs=None) -> tuple[float, float]:
+        kwargs = dict(batch_size=config.eval_batch_size, device=device, inputs=inputs)
+        return (evaluate(model, original.eval, original=True, **kwargs),
+                evaluate(model, new.eval, original=False, **kwargs))
+
+    original_before, new_before = losses(base)
+    results = []
+    for method in runnable:
+        torch.manual_seed(seed)
+        adapted = adapt_with(method, copy.deepcopy(base), config.methods, new.train[:8].to(device))
+        settings = replace(config.adapt, lr=adapted.lr)
+        generator = torch.Generator().manual_seed(seed + 1)
+        run = train(
+            adapted.model, adapted.parameters, batches(new, original, settings.batch_size, config.mix, generator),
+            settings, device=device, desc=f"adapt: {method}", extra_loss=adapted.extra_loss,
+            inputs=adapted.inputs, progress=progress,
+        )
+        if adapted.finish is not None:
+            adapted.finish()
+        original_after, new_after = losses(adapted.model, adapted.inputs)
+        results.append(MethodResult(
+            method=method, note=adapted.note,
+            original_before=original_before, original_after=original_after,
+            new_before=new_before, new_after=new_after,
+            added_parameters=adapted.added_parameters, base_parameters=base_parameters,
+            trainable_parameters=sum(p.numel() for p in adapted.parameters), lr=adapted.lr,
+            train_tokens_per_s=run.tokens_per_s, train_seconds=run.seconds,
+            backend=backends_used(adapted.model, new.eval[:1].to(device), adapted.inputs),
+        ))
+        log(f"  {method}: {adapted.note}; {run.seconds:.1f} s")
+
+    wall = time.perf_counter() - started
+    log("")
+    log(format_table(results))
+    log("")
+    log("losses: next-token cross-entropy in nats per byte on held-out text; forgetting = original "
+        f"after - before; every method sees the same batches ({config.adapt.steps} steps of "
+        f"{config.adapt.batch_size}x{config.spec.context} tokens, {config.mix:.0%} of rows from the original domain)")
+    for method, reason in skipped.items():
+        log(f"skipped {method}: {reason}")
+    settings = {
+        "seed": seed, "device": str(device), "quick": quick, "model": asdict(config.spec),
+        "parameters": base_parameters, "pretrain": asdict(config.pretrain),
+        "pretrained_from_cache": cached,
+        "adapt": {k: v for k, v in asdict(config.adapt).items() if k != "lr"}, "mix": config.mix,
+        "method_options": asdict(config.methods),
+        "corpora": {c.name: {"train_tokens": c.train.numel(), "eval_tokens": c.eval.numel()} for c in (original, new)},
+        "skipped": skipped, "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+        "wall_seconds": wall,
+    }
+    json_path, png_path = os.path.join(out, "results.json"), os.path.join(out, "tradeoff.png")
+    write_json(json_path, results, settings)
+    plot(png_path, results, f"Adapting a {base_parameters:,}-parameter byte-level {config.spec.family} "
+         f"from English prose to Python code (seed {seed})")
+    log(f"wrote {json_path} and {png_path} ({wall:.0f} s)")
+    return results
