@@ -219,3 +219,9 @@ def report(
         extra["gbps"] = nbytes / mean_s / 1e9
         extra["fraction_of_copy"] = extra["gbps"] / ceilings.copy_gbps
     records.append(Record(benchmark.group, provider, baseline, mean_s, extra))
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖actual - expected‖ / ‖expected‖ in float32: the check a provider passes before it is timed."""
+    diff = torch.linalg.vector_norm(actual.float() - expected.float())
+    return (diff / torch.linalg.vector_norm(expected.float()).clamp_min(1e-30)).item()

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import modekernels
-from harness import DEVICE, QUICK, provider_params, report, run
+from harness import DEVICE, QUICK, provider_params, relative_error, report, run
 
 SHAPES = (
     [(8, 64, 32, 48), (5, 60, 48, 40), (8, 48, 40, 32)]
@@ -57,11 +57,6 @@ def step(forward, mode: str, x, w, dy):
     if mode == "fwd":
         return lambda: (forward(x, w),)
     return lambda: torch.autograd.grad(forward(x, w), (x, w), dy)
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    diff = torch.linalg.vector_norm(actual.float() - expected.float())
-    return (diff / torch.linalg.vector_norm(expected.float()).clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("provider", provider_params("loop", "torch", "triton", "cuda"))

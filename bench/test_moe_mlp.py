@@ -23,8 +23,7 @@ import torch
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 import modekernels
-from harness import DEVICE, QUICK, provider_params, report, run
-from test_grouped_mm import relative_error
+from harness import DEVICE, QUICK, provider_params, relative_error, report, run
 
 SHAPES = (
     [(4, 64, 32, 48, 2), (6, 50, 32, 16, 3), (4, 40, 32, 32, 1), (5, 40, 32, 24, 1)]

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import modekernels
-from harness import DEVICE, QUICK, provider_params, report, run
+from harness import DEVICE, QUICK, provider_params, relative_error, report, run
 
 DTYPE = torch.bfloat16
 SIZES = [(48, 8, 40)] if QUICK else [
@@ -90,11 +90,6 @@ def step(forward, trainable, backward: bool):
     if not backward:
         return forward
     return lambda: torch.autograd.grad(forward()[0].float().sum(), trainable)
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    diff = torch.linalg.vector_norm(actual.float() - expected.float())
-    return (diff / torch.linalg.vector_norm(expected.float()).clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize(

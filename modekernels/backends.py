@@ -93,7 +93,8 @@ def get_backend() -> str | None:
     return requested(None)
 
 
-def _triton_interpreting() -> bool:
+def triton_interpreting() -> bool:
+    """Whether Triton kernels run in the interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -133,7 +134,7 @@ def availability(backend: str, device: torch.device | str) -> str | None:
             return error
         if device.type == "cuda":
             return None
-        if device.type == "cpu" and _triton_interpreting():
+        if device.type == "cpu" and triton_interpreting():
             return None
         return (
             f"the triton backend runs on CUDA tensors, or on CPU tensors through the Triton "

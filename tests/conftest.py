@@ -4,6 +4,7 @@ Without a GPU the Triton kernels run in the interpreter, which must be switched 
 Triton's ``jit`` decorators run, so before anything imports ``modekernels.triton_kernels``.
 """
 
+import contextlib
 import os
 
 import torch
@@ -37,3 +38,32 @@ def device() -> torch.device:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Fill every tensor that torch.empty / empty_like / new_empty returns with garbage (NaN for
+    floats, -7 for integers, True for bools), so an output element a backend does not write
+    shows up."""
+    real = torch.empty, torch.empty_like, torch.Tensor.new_empty
+
+    def poison(t: torch.Tensor) -> torch.Tensor:
+        if t.dtype == torch.bool:
+            return t.fill_(True)
+        return t.fill_(float("nan") if t.is_floating_point() else -7)
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(torch, "empty", lambda *a, **k: poison(real[0](*a, **k)))
+    patch.setattr(torch, "empty_like", lambda *a, **k: poison(real[1](*a, **k)))
+    patch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: poison(real[2](self, *a, **k)))
+    try:
+        yield
+    finally:
+        patch.undo()
+
+
+@pytest.fixture
+def poisoned():
+    """The test runs inside :func:`poisoned_allocations`."""
+    with poisoned_allocations():
+        yield

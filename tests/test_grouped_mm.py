@@ -3,12 +3,11 @@ reference, ``torch._grouped_mm``, ``opcheck``, ``torch.compile`` and bad input."
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
 import torch
-from conftest import DEVICE, backend_params
+from conftest import DEVICE, backend_params, poisoned_allocations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -76,25 +75,6 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, reduction: int,
     torch.testing.assert_close(
         actual.double(), expected, rtol=tol, atol=tol * math.sqrt(max(reduction, 1))
     )
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """Fill every tensor that torch.empty / new_empty / empty_like returns with NaN (floats) or
-    -7 (integers), so an output element the backend does not write shows up."""
-    real = torch.empty, torch.empty_like, torch.Tensor.new_empty
-
-    def poison(t: torch.Tensor) -> torch.Tensor:
-        return t.fill_(float("nan") if t.is_floating_point() else -7)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(torch, "empty", lambda *a, **k: poison(real[0](*a, **k)))
-    mp.setattr(torch, "empty_like", lambda *a, **k: poison(real[1](*a, **k)))
-    mp.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: poison(real[2](self, *a, **k)))
-    try:
-        yield
-    finally:
-        mp.undo()
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -247,15 +227,15 @@ def test_random_group_splits(backend, sizes, tail, K, N, seed):
 
 @pytest.mark.parametrize("backend", backend_params("triton"))
 def test_triton_float32_follows_allow_tf32(backend):
-    from modekernels.triton_kernels.grouped_mm import _dot_options
+    from modekernels.triton_kernels.common import dot_options
 
     matmul = torch.backends.cuda.matmul
     saved = matmul.allow_tf32
     try:
         matmul.allow_tf32 = False
-        assert _dot_options(torch.float32)["INPUT_PRECISION"] == "ieee"
+        assert dot_options(torch.float32)["INPUT_PRECISION"] == "ieee"
         matmul.allow_tf32 = True
-        assert _dot_options(torch.float32)["INPUT_PRECISION"] == "tf32"
+        assert dot_options(torch.float32)["INPUT_PRECISION"] == "tf32"
         case, x, w, offs = _opcheck_inputs()
         y = modekernels.grouped_mm(x, w, offs, backend=backend)  # TF32: about 1e-3 relative
     finally:

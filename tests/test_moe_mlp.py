@@ -8,14 +8,13 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, backend_params
-from test_grouped_mm import poisoned_allocations
+from conftest import DEVICE, backend_params, poisoned_allocations
 
 import modekernels
 from modekernels.ops import moe_mlp as ops
 from modekernels.reference import moe_mlp as reference
 
-BACKENDS = backend_params("reference", "triton")
+BACKENDS = backend_params("reference", "triton", "cuda")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, backend_params
+from conftest import DEVICE, backend_params, poisoned_allocations
 
 import modekernels
 from modekernels import BackendUnavailable
@@ -16,7 +16,7 @@ from modekernels.nn import NeutralResidue, neutral_residue_loss
 from modekernels.ops.neutral_residue import _neutral_residue_op
 from modekernels.reference import neutral_residue as reference
 
-BACKENDS = backend_params("reference", "triton")
+BACKENDS = backend_params("reference", "triton", "cuda")
 NAMES = ("x", "w_in", "w_glu", "w_out", "w_gate", "b_gate", "b_in", "b_glu", "b_out", "residual")
 # (T, d, d_adapter): zero rows, one row, odd and non-power-of-two sizes, more than one tile.
 SHAPES = [(0, 33, 7), (1, 33, 7), (37, 33, 7), (64, 48, 24), (5, 16, 1)]
@@ -94,12 +94,6 @@ def _assert_close(actual, expected, dtype, what, tolerance=TOLERANCE):
     assert error <= tolerance[dtype] * max(scale, 1.0), f"{what}: error {error}, scale {scale}"
 
 
-def _poison_allocator(x):
-    """Fill and free memory the op's outputs may reuse, so that an unwritten output shows."""
-    poison = torch.full((4 * x.numel() + 4096,), float("nan"), device=x.device)
-    del poison
-
-
 def _cotangents(y, g, l1, dtype):
     """Random output gradients; none for l1 below float32, where ‖·‖₁'s sign flips for the
     entries within rounding of 0 (its gradient is checked in float32)."""
@@ -125,8 +119,8 @@ def test_forward_and_gradients_match_reference(backend, dtype, variant, shape):
     )
 
     t = _cast(master, dtype, requires_grad=True)
-    _poison_allocator(t["x"])
-    outputs = _call(t, activation, gate, backend)
+    with poisoned_allocations():
+        outputs = _call(t, activation, gate, backend)
     assert outputs[0].dtype == dtype
     assert outputs[1].dtype == outputs[2].dtype == torch.float32
     for name, a, e in zip(("y", "g", "l1"), outputs, expected):
@@ -191,9 +185,11 @@ def test_gate_sparse_is_bit_identical_to_dense(backend, dtype, gate_bias, T):
         torch.testing.assert_close(a, b)
 
 
-def test_cuda_backend_is_not_implemented():
+@pytest.mark.skipif(DEVICE.type == "cuda", reason="checks the error for CPU tensors")
+def test_cuda_backend_needs_cuda_tensors():
+    """The cuda backend exists for this op; on CPU tensors it declines, naming why."""
     t = _cast(_inputs(4, 8, 3, True, "relu", True, False), torch.float32)
-    with pytest.raises(BackendUnavailable, match="no cuda implementation"):
+    with pytest.raises(BackendUnavailable, match="needs CUDA tensors"):
         _call(t, "silu", "relu", "cuda")
 
 

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 import modekernels
 from modekernels import backends
-from modekernels.ops.routing import TRITON_MAX_EXPERTS, expert_capacity
+from modekernels.ops.routing import CUDA_MAX_EXPERTS, TRITON_MAX_EXPERTS, expert_capacity
 
-BACKENDS = backend_params("reference", "triton")
+BACKENDS = backend_params("reference", "triton", "cuda")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 GATE_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 # (T, E): zero and one token, one expert, non-powers of two, more experts than tokens.
@@ -27,6 +27,12 @@ CAPACITY_FACTORS = [None, 1.0, 0.5]
 
 def _triton():
     from modekernels.triton_kernels import routing
+
+    return routing
+
+
+def _cuda():
+    from modekernels.cuda import routing
 
     return routing
 
@@ -91,25 +97,11 @@ def _check_routing(routing: modekernels.Routing, logits: torch.Tensor, capacity:
         torch.testing.assert_close(actual.cpu().double(), expected[name], rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    """Make every torch.empty return garbage, so that an output a kernel forgets to write fails."""
-    empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        if t.dtype == torch.bool:
-            return t.fill_(True)
-        return t.fill_(float("nan") if t.is_floating_point() else -12345)
-
-    monkeypatch.setattr(torch, "empty", poisoned)
-
-
 @pytest.mark.parametrize("capacity_factor", CAPACITY_FACTORS, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_route_top1_matches_oracle(backend, dtype, shape, capacity_factor, poisoned_empty):
+def test_route_top1_matches_oracle(backend, dtype, shape, capacity_factor, poisoned):
     logits = torch.randn(shape, device=DEVICE).to(dtype)
     routing = modekernels.route_top1(logits, capacity_factor=capacity_factor, backend=backend)
     _check_routing(routing, logits, expert_capacity(*shape, capacity_factor))
@@ -174,13 +166,42 @@ def test_triton_route_across_programs(backend, blocking, capacity_factor):
     assert routed.tolist() == torch.bincount(routing.expert_idx, minlength=num_experts).tolist()
 
 
-@pytest.mark.parametrize("backend", backend_params("triton"))
-def test_triton_losses_are_deterministic(backend):
-    logits = torch.randn(100, 8, device=DEVICE)
-    first = modekernels.route_top1(logits, backend=backend)
-    second = modekernels.route_top1(logits, backend=backend)
-    assert torch.equal(first.aux_loss, second.aux_loss)
-    assert torch.equal(first.z_loss, second.z_loss)
+# (T, E, rows per chunk): several chunks of odd lengths, experts beyond one warp's 32 lanes, the
+# most experts the kernels take (one warp per block), and the default chunking.
+CUDA_CHUNKINGS = [(75, 5, 7), (75, 5, 32), (300, 37, 100), (2000, 64, None), (70, 1000, 16),
+                  (33, CUDA_MAX_EXPERTS, None)]
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.7], ids=str)
+@pytest.mark.parametrize("chunking", CUDA_CHUNKINGS, ids=str)
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+def test_cuda_route_across_chunks(backend, chunking, capacity_factor):
+    num_tokens, num_experts, rows_per_chunk = chunking
+    logits = torch.randn(num_tokens, num_experts, device=DEVICE)
+    capacity = expert_capacity(num_tokens, num_experts, capacity_factor)
+    routing, lse, routed = _as_routing(_cuda().route_top1(logits, capacity, rows_per_chunk))
+    _check_routing(routing, logits, capacity)
+    torch.testing.assert_close(lse, torch.logsumexp(logits, -1))
+    assert routed.tolist() == torch.bincount(routing.expert_idx, minlength=num_experts).tolist()
+
+
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+def test_cuda_nan_logits_pick_the_nan_like_argmax(backend):
+    logits = torch.randn(40, 37, device=DEVICE)
+    logits[3, 20] = float("nan")
+    logits[5, 2] = logits[5, 30] = float("nan")
+    routing = modekernels.route_top1(logits, backend=backend)
+    assert torch.equal(routing.expert_idx, torch.argmax(logits, dim=-1))
+
+
+@pytest.mark.parametrize("backend", backend_params("triton", "cuda"))
+def test_losses_are_deterministic(backend):
+    logits = torch.randn(3000, 8, device=DEVICE) if DEVICE.type == "cuda" else torch.randn(
+        100, 8, device=DEVICE)
+    first = modekernels.route_top1(logits, capacity_factor=0.9, backend=backend)
+    second = modekernels.route_top1(logits, capacity_factor=0.9, backend=backend)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
 
 
 def _differentiable_oracle(logits: torch.Tensor, routing: modekernels.Routing):
@@ -253,6 +274,21 @@ def test_triton_backward_across_programs(backend, blocking):
     torch.testing.assert_close(actual, ref.route_top1_backward(*args), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("shape", [(75, 5), (301, 37), (40, 1000)], ids=str)
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+def test_cuda_backward_matches_reference(backend, shape):
+    from modekernels.reference import routing as ref
+
+    num_tokens, num_experts = shape
+    logits = torch.randn(num_experts, num_tokens, device=DEVICE).t()  # column-major logits
+    routing, lse, routed = _as_routing(ref.route_top1(logits, num_tokens // num_experts + 1))
+    grads = (torch.randn(num_tokens, device=DEVICE).expand(2, num_tokens)[0],
+             torch.tensor(0.3, device=DEVICE), torch.tensor(-0.7, device=DEVICE))
+    args = (logits, lse, routing.expert_idx, routing.dropped, routed, *grads)
+    actual = _cuda().route_top1_backward(*args)
+    torch.testing.assert_close(actual, ref.route_top1_backward(*args), rtol=1e-5, atol=1e-7)
+
+
 def _expected_sort(expert_idx: torch.Tensor, num_experts: int):
     flat = expert_idx.reshape(-1).tolist()
     perm = [slot for e in range(num_experts) for slot, v in enumerate(flat) if v == e]
@@ -266,7 +302,7 @@ def _expected_sort(expert_idx: torch.Tensor, num_experts: int):
     ((25, 8), 8), ((13, 2), 5), ((0, 2), 3),
 ], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_sort_by_expert_matches_oracle(backend, shape, num_experts, dtype, poisoned_empty):
+def test_sort_by_expert_matches_oracle(backend, shape, num_experts, dtype, poisoned):
     expert_idx = torch.randint(0, num_experts, shape, device=DEVICE, dtype=dtype)
     perm, offs = modekernels.sort_by_expert(expert_idx, num_experts, backend=backend)
     expected_perm, expected_offs = _expected_sort(expert_idx.cpu(), num_experts)
@@ -293,6 +329,29 @@ def test_triton_sort_across_programs(backend, blocking):
     expected_perm, expected_offs = _expected_sort(expert_idx.cpu(), 5)
     assert torch.equal(perm.cpu(), expected_perm)
     assert torch.equal(offs.cpu(), expected_offs)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32], ids=str)
+@pytest.mark.parametrize("chunking", [((30, 3), 5, 7), ((1000, 4), 64, 33), ((5000, 2), 300, None)],
+                         ids=str)
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+def test_cuda_sort_across_chunks(backend, chunking, dtype):
+    shape, num_experts, rows_per_chunk = chunking
+    expert_idx = torch.randint(0, num_experts, shape, device=DEVICE, dtype=dtype)
+    perm, offs = _cuda().sort_by_expert(expert_idx, num_experts, rows_per_chunk)
+    expected_perm, expected_offs = _expected_sort(expert_idx.cpu(), num_experts)
+    assert torch.equal(perm.cpu(), expected_perm)
+    assert torch.equal(offs.cpu(), expected_offs)
+
+
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+def test_cuda_sort_puts_out_of_range_indices_last(backend):
+    """Indices outside [0, E) (which the Python checks reject where they can see the values) are
+    counted by no expert and go after all others in position order: perm stays a permutation."""
+    expert_idx = torch.tensor([2, -1, 0, 7, 2, 1, 3, 0], device=DEVICE)
+    perm, offs = _cuda().sort_by_expert(expert_idx, 3, 3)
+    assert perm.tolist() == [2, 7, 5, 0, 4, 1, 3, 6]
+    assert offs.tolist() == [2, 3, 5]
 
 
 @settings(max_examples=8, deadline=None)
@@ -456,11 +515,17 @@ def test_hash_route_rejects_bad_input():
         modekernels.make_hash_table(0, 4)
 
 
-@pytest.mark.parametrize("backend", backend_params("triton"))
-def test_triton_declines_too_many_experts(backend):
-    logits = torch.randn(4, TRITON_MAX_EXPERTS + 1, device=DEVICE)
-    with pytest.raises(backends.BackendUnavailable, match="at most 1024 experts"):
+@pytest.mark.parametrize("backend, limit", [
+    pytest.param(*p.values, TRITON_MAX_EXPERTS, marks=p.marks, id=p.id)
+    for p in backend_params("triton")
+] + [
+    pytest.param(*p.values, CUDA_MAX_EXPERTS, marks=p.marks, id=p.id)
+    for p in backend_params("cuda")
+])
+def test_backend_declines_too_many_experts(backend, limit):
+    logits = torch.randn(4, limit + 1, device=DEVICE)
+    with pytest.raises(backends.BackendUnavailable, match=f"at most {limit} experts"):
         modekernels.route_top1(logits, backend=backend)
-    with pytest.raises(backends.BackendUnavailable, match="at most 1024 experts"):
+    with pytest.raises(backends.BackendUnavailable, match=f"at most {limit} experts"):
         modekernels.sort_by_expert(torch.zeros(4, dtype=torch.int64, device=DEVICE),
-                                   TRITON_MAX_EXPERTS + 1, backend=backend)
+                                   limit + 1, backend=backend)

@@ -16,34 +16,20 @@ interpreter gets wrong (triton-lang/triton#11584).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from modekernels.backends import _triton_interpreting
-
-_INTERPRETING = _triton_interpreting()
-# Programs of the persistent forward under the interpreter: several, so that the tile walk's
-# stride is exercised, yet few, because each program runs in turn on the host.
-_INTERPRETER_PROGRAMS = 4
-
-
-def _configs(tiles: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per config; one small one when
-    interpreting, where autotuning would only cost time."""
-    if _INTERPRETING:
-        tiles = [(32, 32, 32, 4, 1)]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-        for m, n, k, w, s in tiles
-    ]
-
+from modekernels.triton_kernels.common import (
+    accumulate_product,
+    dot_options,
+    persistent_grid,
+    tile_configs,
+)
 
 # Hopper-sized tiles. Configurations that overflow shared memory (wide fp32 tiles) fail to
 # compile and are dropped by the autotuner. Tensor dtypes are part of every Triton autotune key.
-_FORWARD_TILES = [  # output tile BLOCK_M x BLOCK_N, reduction over K by BLOCK_K
+FORWARD_TILES = [  # output tile BLOCK_M x BLOCK_N, reduction over K by BLOCK_K
     (128, 128, 64, 4, 3),
     (128, 128, 64, 8, 4),
     (128, 256, 64, 8, 3),
@@ -59,55 +45,6 @@ _WEIGHT_GRAD_TILES = [  # output tile BLOCK_K x BLOCK_N, reduction over a group'
     (32, 128, 128, 4, 4),
 ]
 _AUTOTUNE_KEY = ["N", "K", "INPUT_PRECISION"]
-
-
-@triton.jit
-def _accumulate_product(
-    acc,
-    a_ptr,
-    a_rows,
-    a_row_mask,
-    stride_a_row,
-    stride_a_red,
-    b_ptr,
-    b_cols,
-    b_col_mask,
-    stride_b_red,
-    stride_b_col,
-    red_start,
-    red_end,
-    BLOCK_RED: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr,
-):
-    """acc += A[a_rows, red_start:red_end] @ B[red_start:red_end, b_cols], BLOCK_RED at a time.
-
-    A and B are strided matrices; rows and columns outside their masks read as zero, and an
-    empty reduction range leaves acc unchanged.
-    """
-    red = red_start + tl.arange(0, BLOCK_RED)
-    a_ptrs = (
-        a_ptr
-        + a_rows.to(tl.int64)[:, None] * stride_a_row
-        + red.to(tl.int64)[None, :] * stride_a_red
-    )
-    b_ptrs = (
-        b_ptr
-        + red.to(tl.int64)[:, None] * stride_b_red
-        + b_cols.to(tl.int64)[None, :] * stride_b_col
-    )
-    for _ in range(red_start, red_end, BLOCK_RED):
-        red_mask = red < red_end
-        a = tl.load(a_ptrs, mask=a_row_mask[:, None] & red_mask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=red_mask[:, None] & b_col_mask[None, :], other=0.0)
-        if DOT_IN_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_RED * stride_a_red
-        b_ptrs += BLOCK_RED * stride_b_red
-        red += BLOCK_RED
-    return acc
 
 
 @triton.jit
@@ -141,7 +78,7 @@ def _group_output_tile(
     row_mask = rows < row_end
     col_mask = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _accumulate_product(
+    acc = accumulate_product(
         acc,
         x_ptr,
         rows,
@@ -163,7 +100,7 @@ def _group_output_tile(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.autotune(configs=_configs(_FORWARD_TILES), key=_AUTOTUNE_KEY)
+@triton.autotune(configs=tile_configs(FORWARD_TILES), key=_AUTOTUNE_KEY)
 @triton.jit
 def _grouped_mm_kernel(
     x_ptr,
@@ -233,7 +170,7 @@ def _grouped_mm_kernel(
         w_group_ptr += stride_we
 
 
-@triton.autotune(configs=_configs(_WEIGHT_GRAD_TILES), key=_AUTOTUNE_KEY)
+@triton.autotune(configs=tile_configs(_WEIGHT_GRAD_TILES), key=_AUTOTUNE_KEY)
 @triton.jit
 def _grouped_mm_weight_grad_kernel(
     x_ptr,
@@ -265,7 +202,7 @@ def _grouped_mm_weight_grad_kernel(
     k_mask = ks < K
     n_mask = ns < N
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    acc = _accumulate_product(
+    acc = accumulate_product(
         acc,
         x_ptr,
         ks,
@@ -292,24 +229,6 @@ def _grouped_mm_weight_grad_kernel(
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=k_mask[:, None] & n_mask[None, :])
 
 
-def _dot_options(dtype: torch.dtype) -> dict:
-    """tl.dot settings: TF32 for float32 only when PyTorch allows it; half-precision tiles
-    widened to float32 under the interpreter."""
-    tf32 = dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
-    return {
-        "INPUT_PRECISION": "tf32" if tf32 else "ieee",
-        "DOT_IN_FP32": _INTERPRETING and dtype != torch.float32,
-    }
-
-
-@functools.cache
-def _max_programs(device: torch.device) -> int:
-    """Programs of the persistent forward: one per SM on a GPU."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _INTERPRETER_PROGRAMS
-
-
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """y[r] = x[r] @ w[e] for the rows r of group e; the kernel zeroes rows at or past offs[-1].
 
@@ -321,15 +240,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     y = torch.empty((S, N), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    max_programs = _max_programs(x.device)
-
-    def grid(meta):
-        # The groups' row tiles number at most cdiv(S, BLOCK_M) + E (one partial tile each).
-        tiles = (triton.cdiv(S, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"])
-        return (min(max_programs, tiles),)
-
-    _grouped_mm_kernel[grid](
-        x, w, y, offs, S, N, K, E, *x.stride(), *w.stride(), *y.stride(), **_dot_options(x.dtype)
+    _grouped_mm_kernel[persistent_grid(S, E, N, x.device)](
+        x, w, y, offs, S, N, K, E, *x.stride(), *w.stride(), *y.stride(), **dot_options(x.dtype)
     )
     return y
 
@@ -351,6 +263,6 @@ def grouped_mm_weight_grad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor
         return (E, triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(N, meta["BLOCK_N"]))
 
     _grouped_mm_weight_grad_kernel[grid](
-        x, dy, dw, offs, N, K, *x.stride(), *dy.stride(), *dw.stride(), **_dot_options(x.dtype)
+        x, dy, dw, offs, N, K, *x.stride(), *dy.stride(), *dw.stride(), **dot_options(x.dtype)
     )
     return dw

@@ -22,27 +22,17 @@ import torch
 import triton
 import triton.language as tl
 
-from modekernels.triton_kernels.grouped_mm import (
-    _FORWARD_TILES,
-    _accumulate_product,
-    _configs,
-    _dot_options,
-    _max_programs,
+from modekernels.triton_kernels.common import (
+    ACTIVATION_CODES,
+    accumulate_product,
+    activate,
+    dot_options,
+    persistent_grid,
+    tile_configs,
 )
+from modekernels.triton_kernels.grouped_mm import FORWARD_TILES
 
-_ACTIVATION_CODES = {"identity": 0, "silu": 1, "gelu": 2, "relu": 3}
 _SUM_BLOCK = 256
-
-
-@triton.jit
-def _activate(z, ACTIVATION: tl.constexpr):
-    if ACTIVATION == 1:
-        z = z / (1.0 + tl.exp(-z))
-    elif ACTIVATION == 2:
-        z = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
-    elif ACTIVATION == 3:
-        z = tl.maximum(z, 0.0)
-    return z
 
 
 @triton.jit
@@ -69,7 +59,7 @@ def _up_tile(
         w_cols = out_cols
     col_mask = out_cols < I
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _accumulate_product(
+    acc = accumulate_product(
         acc, x_ptr, tokens, row_mask, stride_xt, stride_xk,
         w_ptr, w_cols, col_mask, stride_wk, stride_wn, 0, k_end,
         BLOCK_K, INPUT_PRECISION, DOT_IN_FP32,
@@ -83,15 +73,15 @@ def _up_tile(
         tl.store(pre_ptrs, acc.to(pre_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
     if GATED:
         gate, up = tl.split(tl.reshape(acc, (BLOCK_M, OUT_N, 2)))
-        h = _activate(gate, ACTIVATION) * up
+        h = activate(gate, ACTIVATION) * up
     else:
-        h = _activate(acc, ACTIVATION)
+        h = activate(acc, ACTIVATION)
     cols = n_tile * OUT_N + tl.arange(0, OUT_N)
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hs + cols[None, :] * stride_hn
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_mask[:, None] & (cols < I)[None, :])
 
 
-@triton.autotune(configs=_configs(_FORWARD_TILES), key=["N", "K", "GATED", "INPUT_PRECISION"])
+@triton.autotune(configs=tile_configs(FORWARD_TILES), key=["N", "K", "GATED", "INPUT_PRECISION"])
 @triton.jit
 def _moe_up_kernel(
     x_ptr, perm_ptr, offs_ptr, w_ptr, b_ptr, h_ptr, pre_ptr,
@@ -143,7 +133,7 @@ def _down_tile(
     cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _accumulate_product(
+    acc = accumulate_product(
         acc, h_ptr, rows, row_mask, stride_hs, stride_hk,
         w_ptr, cols, col_mask, stride_wk, stride_wn, 0, k_end,
         BLOCK_K, INPUT_PRECISION, DOT_IN_FP32,
@@ -157,7 +147,7 @@ def _down_tile(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.autotune(configs=_configs(_FORWARD_TILES), key=["N", "K", "INPUT_PRECISION"])
+@triton.autotune(configs=tile_configs(FORWARD_TILES), key=["N", "K", "INPUT_PRECISION"])
 @triton.jit
 def _moe_down_kernel(
     h_ptr, perm_ptr, offs_ptr, w_ptr, b_ptr, gate_ptr, out_ptr,
@@ -205,18 +195,6 @@ def _sum_slots_kernel(out_ptr, y_ptr, N, top_k, stride_ys, stride_yn, BLOCK: tl.
     tl.store(y_ptr + token.to(tl.int64) * stride_ys + cols * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _persistent_grid(rows: int, groups: int, out_cols: int, device: torch.device, gated: bool = False):
-    max_programs = _max_programs(device)
-
-    def grid(meta):
-        # The groups' row tiles number at most cdiv(rows, BLOCK_M) + groups (one partial each).
-        block_n = meta["BLOCK_N"] // 2 if gated else meta["BLOCK_N"]
-        tiles = (triton.cdiv(rows, meta["BLOCK_M"]) + groups) * triton.cdiv(out_cols, block_n)
-        return (min(max_programs, tiles),)
-
-    return grid
-
-
 def moe_mlp_up(
     x: torch.Tensor,
     perm: torch.Tensor,
@@ -239,12 +217,12 @@ def moe_mlp_up(
     if h.numel() == 0:
         return h, pre
     bias = b1 if b1 is not None else w1  # never read when HAS_BIAS is false
-    _moe_up_kernel[_persistent_grid(S, E, inner, x.device, gated)](
+    _moe_up_kernel[persistent_grid(S, E, inner, x.device, gated)](
         x, perm, offs, w1, bias, h, pre, S, N, inner, K, E, top_k,
         *x.stride(), *w1.stride(), *(b1.stride() if b1 is not None else (0, 0)), *h.stride(),
         *(pre.stride() if keep_preactivation else (0, 0)),
-        ACTIVATION=_ACTIVATION_CODES[activation], GATED=gated, HAS_BIAS=b1 is not None,
-        KEEP_PRE=keep_preactivation, **_dot_options(x.dtype),
+        ACTIVATION=ACTIVATION_CODES[activation], GATED=gated, HAS_BIAS=b1 is not None,
+        KEEP_PRE=keep_preactivation, **dot_options(x.dtype),
     )
     return h, pre
 
@@ -267,10 +245,10 @@ def moe_mlp_down(
         return y
     out = y if top_k == 1 else torch.empty((S, N), dtype=torch.float32, device=h.device)
     bias = b2 if b2 is not None else w2[0]  # never read when HAS_BIAS is false
-    _moe_down_kernel[_persistent_grid(S, E, N, h.device)](
+    _moe_down_kernel[persistent_grid(S, E, N, h.device)](
         h, perm, offs, w2, bias, gate.reshape(-1), out, S, N, K, E,
         *h.stride(), *w2.stride(), *(b2.stride() if b2 is not None else (0, 0)), *out.stride(),
-        HAS_BIAS=b2 is not None, **_dot_options(h.dtype),
+        HAS_BIAS=b2 is not None, **dot_options(h.dtype),
     )
     if top_k > 1:
         _sum_slots_kernel[(T, triton.cdiv(N, _SUM_BLOCK))](

@@ -33,18 +33,24 @@ import triton
 import triton.language as tl
 
 from modekernels.reference import neutral_residue as reference
-from modekernels.triton_kernels.grouped_mm import _INTERPRETING, _accumulate_product, _dot_options
-from modekernels.triton_kernels.moe_mlp import _ACTIVATION_CODES, _activate
+from modekernels.triton_kernels.common import (
+    ACTIVATION_CODES,
+    INTERPRETING,
+    accumulate_product,
+    activate,
+    dot_options,
+    tile_configs,
+)
 
 _GATE_CODES = {"none": 0, "relu": 1, "sigmoid": 2}
 _GATE_COLUMNS = 16  # w_gate padded to the narrowest tl.dot operand
 # Fixed, not tuned: the row list places each row at its own slot of a BLOCK_M tile (so dense and
 # sparse launches compute every row at the same tile position), and kernel 2's column tile
 # sets the number of ℓ1 partials the host allocates.
-_BLOCK_M = 16 if _INTERPRETING else 64
-_OUT_BLOCK_N = 32 if _INTERPRETING else 128
-_BACKWARD_BLOCK_M = 16 if _INTERPRETING else 32
-_BACKWARD_BLOCK_N = 32 if _INTERPRETING else 128
+_BLOCK_M = 16 if INTERPRETING else 64
+_OUT_BLOCK_N = 32 if INTERPRETING else 128
+_BACKWARD_BLOCK_M = 16 if INTERPRETING else 32
+_BACKWARD_BLOCK_N = 32 if INTERPRETING else 128
 
 # Tuned per kernel: (BLOCK_N, BLOCK_K, num_warps, num_stages); configurations that overflow
 # shared memory (wide fp32 tiles) fail to compile and are dropped by the autotuner.
@@ -57,20 +63,9 @@ _OUTPUT_TILES = [
 ]
 
 
-def _configs(tiles: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """One small configuration when interpreting, where autotuning would only cost time (its
-    BLOCK_N is _OUT_BLOCK_N there)."""
-    if _INTERPRETING:
-        tiles = [(32, 32, 4, 1)]
-    return [
-        triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-        for n, k, w, s in tiles
-    ]
-
-
 @triton.jit
 def _activation_derivative(z, ACTIVATION: tl.constexpr):
-    """d act(z) / dz for the codes of ``_activate`` (silu 1, gelu 2, relu 3)."""
+    """d act(z) / dz for the codes of ``activate`` (silu 1, gelu 2, relu 3)."""
     if ACTIVATION == 1:
         s = 1.0 / (1.0 + tl.exp(-z))
         d = s * (1.0 + z * (1.0 - s))
@@ -103,7 +98,7 @@ def _row_tile(rows_ptr, count_ptr, m_tile, BLOCK_M: tl.constexpr):
     return pos, valid, rows
 
 
-@triton.autotune(configs=_configs(_PROJECT_TILES), key=["D", "DA", "GLU", "INPUT_PRECISION"])
+@triton.autotune(configs=tile_configs(_PROJECT_TILES, names=("BLOCK_N", "BLOCK_K")), key=["D", "DA", "GLU", "INPUT_PRECISION"])
 @triton.jit(do_not_specialize=["first_program"])
 def _project_kernel(
     x_ptr, rows_ptr, count_ptr,
@@ -172,7 +167,7 @@ def _project_kernel(
                 wi_ptrs += BLOCK_K * stride_wi_d
             if HAS_B_IN:
                 acc_u += tl.load(b_in_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-            h = _activate(acc_u, ACTIVATION)
+            h = activate(acc_u, ACTIVATION)
             if GLU:
                 if HAS_B_GLU:
                     acc_v += tl.load(b_glu_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)[
@@ -193,7 +188,7 @@ def _project_kernel(
                     )
 
 
-@triton.autotune(configs=_configs(_OUTPUT_TILES), key=["D", "DA", "INPUT_PRECISION"])
+@triton.autotune(configs=tile_configs(_OUTPUT_TILES, names=("BLOCK_N", "BLOCK_K")), key=["D", "DA", "INPUT_PRECISION"])
 @triton.jit
 def _output_kernel(
     h_ptr, rows_ptr, count_ptr, g_ptr, w_out_ptr, b_out_ptr, r_ptr, y_ptr, l1_ptr,
@@ -212,7 +207,7 @@ def _output_kernel(
         cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         c_mask = cols < D
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc = _accumulate_product(
+        acc = accumulate_product(
             acc, h_ptr, pos, valid, stride_ht, stride_ha,
             w_out_ptr, cols, c_mask, stride_wo_a, stride_wo_d,
             0, DA, BLOCK_K, INPUT_PRECISION, DOT_IN_FP32,
@@ -260,7 +255,7 @@ def _glu_backward_kernel(
         u = u.to(tl.float32)
         dh = tl.load(dh_ptr + r64 * stride_dht + cols[None, :] * stride_dha, mask=mask, other=0.0)
         dh = dh.to(tl.float32)
-        act = _activate(u, ACTIVATION)
+        act = activate(u, ACTIVATION)
         du = g[:, None] * dh * _activation_derivative(u, ACTIVATION)
         h = act
         if GLU:
@@ -341,7 +336,7 @@ def neutral_residue(
         T, dtype=torch.float32
     )
     h = x.new_empty(triton.cdiv(T, _BLOCK_M) * _BLOCK_M, DA)  # by position in the row list
-    dot = _dot_options(x.dtype)
+    dot = dot_options(x.dtype)
     some = x  # a placeholder pointer for absent optional tensors
     project_args = dict(
         w_in_ptr=w_in,
@@ -371,7 +366,7 @@ def neutral_residue(
         HAS_B_GLU=b_glu is not None,
         GATE=_GATE_CODES[gate],
         HAS_B_GATE=b_gate is not None,
-        ACTIVATION=_ACTIVATION_CODES[activation],
+        ACTIVATION=ACTIVATION_CODES[activation],
         KEEP_PRE=keep_pre,
         **dot,
     )
@@ -428,7 +423,7 @@ def _glu_backward(pre, dh_raw, g, dgate_extra, activation, glu, gate):
         pre, dh_raw, g, dgate_extra, gh, dpre,
         T, DA,
         *pre.stride(), *dh_raw.stride(), *gh.stride(), *dpre.stride(),
-        ACTIVATION=_ACTIVATION_CODES[activation], GLU=glu, GATE=_GATE_CODES[gate],
+        ACTIVATION=ACTIVATION_CODES[activation], GLU=glu, GATE=_GATE_CODES[gate],
         BLOCK_M=_BACKWARD_BLOCK_M, BLOCK_N=_BACKWARD_BLOCK_N,
     )
     return gh, dpre

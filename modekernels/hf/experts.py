@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from modekernels.ops.grouped_mm import grouped_mm
-from modekernels.ops.moe_mlp import _slot_order_sum, moe_mlp_down, moe_mlp_up
+from modekernels.ops.moe_mlp import slot_order_sum, moe_mlp_down, moe_mlp_up
 from modekernels.ops.routing import sort_by_expert
 
 IMPLEMENTATION = "modekernels"
@@ -101,7 +101,7 @@ def modekernels_experts_forward(
         in_group = torch.arange(out.shape[0], device=out.device) < offs[-1]
         out = out + b2[sorted_experts] * in_group[:, None]
     out = self.post_expert_norm(out) * gate.reshape(-1)[perm, None]
-    return _slot_order_sum(out, perm, gate.shape[0], top_k).to(hidden_states.dtype)
+    return slot_order_sum(out, perm, gate.shape[0], top_k).to(hidden_states.dtype)
 
 
 def register() -> None:

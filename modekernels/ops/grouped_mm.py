@@ -49,7 +49,7 @@ def _check_weight_grad(x: object, dy: object, offs: object) -> None:
 
 
 @torch.library.custom_op("modekernels::grouped_mm", mutates_args=())
-def _grouped_mm_op(
+def grouped_mm_op(
     x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, backend: Optional[str] = None
 ) -> torch.Tensor:
     _check_forward(x, w, offs)
@@ -57,14 +57,14 @@ def _grouped_mm_op(
     return _forward(backend, x.device, x, w, offs)
 
 
-@_grouped_mm_op.register_fake
+@grouped_mm_op.register_fake
 def _(x, w, offs, backend=None):
     _check_forward(x, w, offs)
     return x.new_empty(x.shape[0], w.shape[2])
 
 
 @torch.library.custom_op("modekernels::grouped_mm_weight_grad", mutates_args=())
-def _grouped_mm_weight_grad_op(
+def grouped_mm_weight_grad_op(
     x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor, backend: Optional[str] = None
 ) -> torch.Tensor:
     _check_weight_grad(x, dy, offs)
@@ -72,7 +72,7 @@ def _grouped_mm_weight_grad_op(
     return _weight_grad(backend, x.device, x, dy, offs)
 
 
-@_grouped_mm_weight_grad_op.register_fake
+@grouped_mm_weight_grad_op.register_fake
 def _(x, dy, offs, backend=None):
     _check_weight_grad(x, dy, offs)
     return x.new_empty(offs.shape[0], x.shape[1], dy.shape[1])
@@ -88,13 +88,13 @@ def _backward(ctx, dy):
     x, w, offs = ctx.saved_tensors
     dx = dw = None
     if ctx.needs_input_grad[0]:
-        dx = _grouped_mm_op(dy, w.transpose(1, 2), offs, ctx.backend)
+        dx = grouped_mm_op(dy, w.transpose(1, 2), offs, ctx.backend)
     if ctx.needs_input_grad[1]:
-        dw = _grouped_mm_weight_grad_op(x, dy, offs, ctx.backend)
+        dw = grouped_mm_weight_grad_op(x, dy, offs, ctx.backend)
     return dx, dw, None, None
 
 
-_grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
+grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def grouped_mm(
@@ -118,4 +118,4 @@ def grouped_mm(
     Offsets are value-checked (non-decreasing, within S) only for CPU tensors in eager mode; on
     CUDA they stay on the device and are not read by the host.
     """
-    return _grouped_mm_op(x, w, offs, backends.requested(backend))
+    return grouped_mm_op(x, w, offs, backends.requested(backend))

@@ -27,7 +27,7 @@ from modekernels._checks import (
     check_tensor,
     values_visible,
 )
-from modekernels.ops.grouped_mm import _grouped_mm_op, _grouped_mm_weight_grad_op
+from modekernels.ops.grouped_mm import grouped_mm_op, grouped_mm_weight_grad_op
 from modekernels.ops.routing import INDEX_DTYPES, sort_by_expert
 from modekernels.reference.moe_mlp import ACTIVATIONS, activation_grad
 
@@ -38,11 +38,13 @@ _up = backends.Dispatch(
     "moe_mlp_up",
     reference="modekernels.reference.moe_mlp:moe_mlp_up",
     triton="modekernels.triton_kernels.moe_mlp:moe_mlp_up",
+    cuda="modekernels.cuda.moe_mlp:moe_mlp_up",
 )
 _down = backends.Dispatch(
     "moe_mlp_down",
     reference="modekernels.reference.moe_mlp:moe_mlp_down",
     triton="modekernels.triton_kernels.moe_mlp:moe_mlp_down",
+    cuda="modekernels.cuda.moe_mlp:moe_mlp_down",
 )
 
 
@@ -145,7 +147,7 @@ def _(h, perm, offs, w2, b2, gate, backend=None):
     return h.new_empty(gate.shape[0], w2.shape[2])
 
 
-def _slot_order_sum(
+def slot_order_sum(
     sorted_rows: torch.Tensor, perm: torch.Tensor, num_tokens: int, top_k: int
 ) -> torch.Tensor:
     """(S, N) rows in expert order -> (T, N): back to slot order, then Σ over each token's k
@@ -160,7 +162,7 @@ def _slot_order_sum(
 def _group_sums(rows: torch.Tensor, offs: torch.Tensor, backend: str | None) -> torch.Tensor:
     """Σ of each expert's sorted rows (E, N), as the grouped 1ᵀ·rows (deterministic)."""
     ones = rows.new_ones(rows.shape[0], 1)
-    return _grouped_mm_weight_grad_op(ones, rows, offs, backend)[:, 0]
+    return grouped_mm_weight_grad_op(ones, rows, offs, backend)[:, 0]
 
 
 def _up_setup_context(ctx, inputs, output):
@@ -185,10 +187,10 @@ def _up_backward(ctx, dh, _dpre):
         )
     dx = dw1 = db1 = None
     if ctx.needs_input_grad[0]:
-        dx_sorted = _grouped_mm_op(dpre, w1.transpose(1, 2), offs, ctx.backend)
-        dx = _slot_order_sum(dx_sorted, perm, x.shape[0], ctx.top_k)
+        dx_sorted = grouped_mm_op(dpre, w1.transpose(1, 2), offs, ctx.backend)
+        dx = slot_order_sum(dx_sorted, perm, x.shape[0], ctx.top_k)
     if ctx.needs_input_grad[3]:
-        dw1 = _grouped_mm_weight_grad_op(x[perm // ctx.top_k], dpre, offs, ctx.backend)
+        dw1 = grouped_mm_weight_grad_op(x[perm // ctx.top_k], dpre, offs, ctx.backend)
     if ctx.has_b1 and ctx.needs_input_grad[4]:
         db1 = _group_sums(dpre, offs, ctx.backend)
     return dx, None, None, dw1, db1, None, None, None, None, None
@@ -207,21 +209,21 @@ def _down_backward(ctx, dy):
     sorted_gate = gate.reshape(-1)[perm].float()[:, None]
     dh = dw2 = db2 = dgate = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[5]:
-        dh_unscaled = _grouped_mm_op(dy_rows, w2.transpose(1, 2), offs, ctx.backend)
+        dh_unscaled = grouped_mm_op(dy_rows, w2.transpose(1, 2), offs, ctx.backend)
         if ctx.needs_input_grad[0]:
             dh = (dh_unscaled.float() * sorted_gate).to(h.dtype)
         if ctx.needs_input_grad[5]:
             # d gate = <dy_t, h·w2 + b2> = <dy_t·w2ᵀ, h> + <dy_t, b2>; rows past offs[-1] give 0.
             dgate_sorted = (dh_unscaled.float() * h.float()).sum(1)
             if b2 is not None:
-                bias_term = _grouped_mm_op(dy_rows, b2[:, :, None], offs, ctx.backend)
+                bias_term = grouped_mm_op(dy_rows, b2[:, :, None], offs, ctx.backend)
                 dgate_sorted += bias_term[:, 0].float()
             dgate = dgate_sorted[torch.argsort(perm)].view_as(gate).to(gate.dtype)
     dout = None
     if ctx.needs_input_grad[3] or (b2 is not None and ctx.needs_input_grad[4]):
         dout = (dy_rows.float() * sorted_gate).to(h.dtype)  # d of each row's unscaled output
     if ctx.needs_input_grad[3]:
-        dw2 = _grouped_mm_weight_grad_op(h, dout, offs, ctx.backend)
+        dw2 = grouped_mm_weight_grad_op(h, dout, offs, ctx.backend)
     if b2 is not None and ctx.needs_input_grad[4]:
         db2 = _group_sums(dout, offs, ctx.backend)
     return dh, None, None, dw2, db2, dgate, None
@@ -352,7 +354,8 @@ def moe_mlp(
             ``.transpose(1, 2)`` view of the ``nn.Linear`` layout (E, N, K), used without a copy.
         activation: ``"silu"``, ``"gelu"`` (exact erf) or ``"relu"``.
         b1: (E, I or 2·I), b2: (E, H), optional, x's dtype.
-        backend: ``"reference"``, ``"triton"`` or None (see :mod:`modekernels.backends`).
+        backend: ``"reference"``, ``"triton"``, ``"cuda"`` or None (see
+            :mod:`modekernels.backends`).
 
     Returns:
         y (T, H) in x's dtype, accumulated in float32; bit-identical from run to run (the sum

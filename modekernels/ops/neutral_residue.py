@@ -2,7 +2,7 @@
 
 Registered as ``torch.ops.modekernels.neutral_residue`` (forward) and
 ``torch.ops.modekernels.neutral_residue_backward``, each with a fake kernel, and the forward with
-an autograd formula. Backends: ``reference`` and ``triton`` (no ``cuda`` implementation).
+an autograd formula. Backends: ``reference``, ``triton`` and ``cuda``.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ _forward = backends.Dispatch(
     "neutral_residue",
     reference="modekernels.reference.neutral_residue:neutral_residue",
     triton="modekernels.triton_kernels.neutral_residue:neutral_residue",
+    cuda="modekernels.cuda.neutral_residue:neutral_residue",
 )
 _backward_dispatch = backends.Dispatch(
     "neutral_residue_backward",
     reference="modekernels.reference.neutral_residue:neutral_residue_backward",
     triton="modekernels.triton_kernels.neutral_residue:neutral_residue_backward",
+    cuda="modekernels.cuda.neutral_residue:neutral_residue_backward",
 )
 
 
@@ -235,8 +237,8 @@ def neutral_residue(
             given, else ``"none"``.
         sparse: rows whose gate is exactly 0 skip both adapter GEMMs (inference with the ReLU
             gate); the output is bit-identical to the dense path. Device-side, no host sync.
-        backend: ``"reference"``, ``"triton"`` or None (see :mod:`modekernels.backends`);
-            there is no ``cuda`` implementation.
+        backend: ``"reference"``, ``"triton"``, ``"cuda"`` or None (see
+            :mod:`modekernels.backends`).
 
     All tensors share x's dtype and device.
 

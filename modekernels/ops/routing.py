@@ -33,34 +33,56 @@ import torch
 from modekernels import backends
 from modekernels._checks import FLOAT_DTYPES, check_dim, check_tensor, values_visible
 
-# The Triton kernels hold one (rows × next_power_of_2(E)) tile in registers.
+# The Triton kernels hold one (rows × next_power_of_2(E)) tile in registers; the CUDA kernels
+# keep per-warp sums of E floats in shared memory (csrc/routing.cu: routing_max_experts()).
 TRITON_MAX_EXPERTS = 1024
+CUDA_MAX_EXPERTS = 4096
 INDEX_DTYPES = (torch.int64, torch.int32)
 
 
-def _expert_count_supported(num_experts: int) -> str | None:
-    if num_experts > TRITON_MAX_EXPERTS:
-        return f"the triton kernels take at most {TRITON_MAX_EXPERTS} experts, got {num_experts}"
-    return None
+def _expert_count_supported(backend: str, limit: int):
+    """A ``supports`` predicate of ``backend``: None for at most ``limit`` experts, else why not."""
 
+    def supported(num_experts: int) -> str | None:
+        if num_experts > limit:
+            return f"the {backend} kernels take at most {limit} experts, got {num_experts}"
+        return None
+
+    return supported
+
+
+_triton_experts = _expert_count_supported("triton", TRITON_MAX_EXPERTS)
+_cuda_experts = _expert_count_supported("cuda", CUDA_MAX_EXPERTS)
 
 _route = backends.Dispatch(
     "route_top1",
     reference="modekernels.reference.routing:route_top1",
     triton="modekernels.triton_kernels.routing:route_top1",
-    supports={"triton": lambda logits, capacity: _expert_count_supported(logits.shape[1])},
+    cuda="modekernels.cuda.routing:route_top1",
+    supports={
+        "triton": lambda logits, capacity: _triton_experts(logits.shape[1]),
+        "cuda": lambda logits, capacity: _cuda_experts(logits.shape[1]),
+    },
 )
 _route_backward = backends.Dispatch(
     "route_top1_backward",
     reference="modekernels.reference.routing:route_top1_backward",
     triton="modekernels.triton_kernels.routing:route_top1_backward",
-    supports={"triton": lambda logits, *_: _expert_count_supported(logits.shape[1])},
+    cuda="modekernels.cuda.routing:route_top1_backward",
+    supports={
+        "triton": lambda logits, *_: _triton_experts(logits.shape[1]),
+        "cuda": lambda logits, *_: _cuda_experts(logits.shape[1]),
+    },
 )
 _sort = backends.Dispatch(
     "sort_by_expert",
     reference="modekernels.reference.routing:sort_by_expert",
     triton="modekernels.triton_kernels.routing:sort_by_expert",
-    supports={"triton": lambda expert_idx, num_experts: _expert_count_supported(num_experts)},
+    cuda="modekernels.cuda.routing:sort_by_expert",
+    supports={
+        "triton": lambda expert_idx, num_experts: _triton_experts(num_experts),
+        "cuda": lambda expert_idx, num_experts: _cuda_experts(num_experts),
+    },
 )
 
 
@@ -243,7 +265,8 @@ def route_top1(
         logits: (T, E) float32, float16 or bfloat16 router logits; any strides.
         capacity_factor: None keeps every token; else each expert keeps its first
             ⌈capacity_factor·T/E⌉ tokens in position order and the rest are dropped.
-        backend: ``"reference"``, ``"triton"`` or None (see :mod:`modekernels.backends`).
+        backend: ``"reference"``, ``"triton"``, ``"cuda"`` or None (see
+            :mod:`modekernels.backends`).
 
     Returns:
         :class:`Routing`: ``expert_idx`` (T,) int64 (ties go to the lowest index, as ``argmax``),
@@ -270,7 +293,7 @@ def sort_by_expert(
     Args:
         expert_idx: (T,) or (T, k) int64 or int32, values in [0, num_experts); k ≤ num_experts.
         num_experts: E.
-        backend: ``"reference"``, ``"triton"`` or None.
+        backend: ``"reference"``, ``"triton"``, ``"cuda"`` or None.
 
     Returns:
         perm (T·k,) int64: the row-major flattened slots ``t·k + j`` sorted by expert, position
@@ -326,7 +349,7 @@ def hash_route(
             :func:`make_hash_table` builds; None hashes the id instead,
             ``((1103515245·id + 12345) mod (2³¹ − 1)) mod E`` (ids below 2³¹).
         gate_dtype: dtype of the all-ones gate.
-        backend: backend of the sort (``"reference"``, ``"triton"`` or None).
+        backend: backend of the sort (``"reference"``, ``"triton"``, ``"cuda"`` or None).
 
     Returns:
         :class:`Routing` with gate 1, no token dropped, and zero (constant) losses.

@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from modekernels.reference.grouped_mm import _accumulation_dtype, _group_bounds
+from modekernels.reference.grouped_mm import accumulation_dtype, group_bounds
 
 # The activations the fused kernels have in their epilogue; "identity" is internal (a custom
 # gate applied outside the kernel).
@@ -58,7 +58,7 @@ def activation_grad(
 ) -> torch.Tensor:
     """d pre from d h for :func:`activate`, in float32 (or float64 for float64 inputs), shaped
     like pre."""
-    acc = _accumulation_dtype(pre.dtype)
+    acc = accumulation_dtype(pre.dtype)
     dh = dh.to(acc)
     pre = pre.to(acc)
     if not gated:
@@ -81,10 +81,10 @@ def moe_mlp_up(
     """Sorted row r of expert e: pre[r] = x[perm[r] // top_k] @ w1[e] + b1[e], h[r] =
     activate(pre[r]). Returns (h (S, I), pre (S, N1), or (0, N1) unless kept); rows at or past
     offs[-1] are zero."""
-    acc = _accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     S, N1 = perm.shape[0], w1.shape[2]
     pre = torch.zeros(S, N1, dtype=acc, device=x.device)
-    for e, (start, end) in enumerate(_group_bounds(offs)):
+    for e, (start, end) in enumerate(group_bounds(offs)):
         rows = x[perm[start:end] // top_k].to(acc)
         pre[start:end] = rows @ w1[e].to(acc)
         if b1 is not None:
@@ -104,11 +104,11 @@ def moe_mlp_down(
 ) -> torch.Tensor:
     """Slot s = perm[r] of sorted row r of expert e: o[s] = gate[s]·(h[r] @ w2[e] + b2[e]);
     y[t] = Σ_j o[t·k + j] over j in order. gate (T, k) -> y (T, H) in h's dtype."""
-    acc = _accumulation_dtype(h.dtype)
+    acc = accumulation_dtype(h.dtype)
     T, k = gate.shape
     out = torch.zeros(T * k, w2.shape[2], dtype=acc, device=h.device)
     flat_gate = gate.reshape(-1).to(acc)
-    for e, (start, end) in enumerate(_group_bounds(offs)):
+    for e, (start, end) in enumerate(group_bounds(offs)):
         slots = perm[start:end]
         o = h[start:end].to(acc) @ w2[e].to(acc)
         if b2 is not None:
@@ -131,7 +131,7 @@ def moe_mlp(
 ) -> torch.Tensor:
     """The oracle, token by token: y_t = Σ_j gate_tj·(h_tj @ w2[e_tj] + b2[e_tj]) with
     h_tj = activate(x_t @ w1[e_tj] + b1[e_tj]). expert_idx and gate (T,) or (T, k)."""
-    acc = _accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     idx = expert_idx.reshape(x.shape[0], -1) if x.shape[0] else expert_idx
     g = gate.reshape(idx.shape).to(acc)
     y = torch.zeros(x.shape[0], w2.shape[2], dtype=acc, device=x.device)

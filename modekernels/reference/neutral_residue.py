@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from modekernels.reference.grouped_mm import _accumulation_dtype
+from modekernels.reference.grouped_mm import accumulation_dtype
 from modekernels.reference.moe_mlp import activate, activation_grad
 
 GATES = ("relu", "sigmoid", "none")
@@ -73,7 +73,7 @@ def neutral_residue(
     Differentiable by autograd (the tests' oracle). ``sparse`` changes nothing here: skipping
     gated-off rows is the kernels' optimisation and must give this same output.
     """
-    acc = _accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     out_acc = torch.float64 if acc == torch.float64 else torch.float32
     glu = w_glu is not None
     pre = _linear(x, w_in, b_in, acc)
@@ -113,7 +113,7 @@ def glu_backward(
     dpre = [du | dv | dz] with d h = g·dh_raw through the activation and GLU, and
     dz = (dh_raw·h + dgate_extra)·gate'(g), the gradient of the gate's pre-activation.
     """
-    acc = _accumulation_dtype(pre.dtype)
+    acc = accumulation_dtype(pre.dtype)
     h = activate(pre.to(acc), activation, glu)
     gf = g.to(acc)[:, None]
     dpre = activation_grad(gf * dh_raw.to(acc), pre, activation, glu)
@@ -153,7 +153,7 @@ def neutral_residue_backward(
     d_a = w_in.shape[0]
     glu = w_glu is not None
     gated = w_gate is not None
-    acc = _accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     gf = g.to(acc)[:, None]
     dya = dy.to(acc) if dy is not None else x.new_zeros(T, d, dtype=acc)
     if dl1 is not None:

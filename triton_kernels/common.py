@@ -1,0 +1,130 @@
+"""Pieces shared by the Triton kernels: the interpreter switch, autotune configurations, tl.dot
+settings, the persistent grid size, the strided tile product and the activations.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from modekernels.backends import triton_interpreting
+
+INTERPRETING = triton_interpreting()
+# Programs of the persistent forward under the interpreter: several, so that the tile walk's
+# stride is exercised, yet few, because each program runs in turn on the host.
+INTERPRETER_PROGRAMS = 4
+
+
+def tile_configs(
+    tiles: list[tuple[int, ...]], names: tuple[str, ...] = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+) -> list[triton.Config]:
+    """Autotune configurations: each tile gives the block sizes ``names`` then num_warps and
+    num_stages. When interpreting, one small configuration (blocks of 32, 4 warps, 1 stage),
+    since autotuning there would only cost time."""
+    if INTERPRETING:
+        tiles = [(*([32] * len(names)), 4, 1)]
+    return [
+        triton.Config(dict(zip(names, tile[:-2])), num_warps=tile[-2], num_stages=tile[-1])
+        for tile in tiles
+    ]
+
+
+@triton.jit
+def accumulate_product(
+    acc,
+    a_ptr,
+    a_rows,
+    a_row_mask,
+    stride_a_row,
+    stride_a_red,
+    b_ptr,
+    b_cols,
+    b_col_mask,
+    stride_b_red,
+    stride_b_col,
+    red_start,
+    red_end,
+    BLOCK_RED: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    """acc += A[a_rows, red_start:red_end] @ B[red_start:red_end, b_cols], BLOCK_RED at a time.
+
+    A and B are strided matrices; rows and columns outside their masks read as zero, and an
+    empty reduction range leaves acc unchanged.
+    """
+    red = red_start + tl.arange(0, BLOCK_RED)
+    a_ptrs = (
+        a_ptr
+        + a_rows.to(tl.int64)[:, None] * stride_a_row
+        + red.to(tl.int64)[None, :] * stride_a_red
+    )
+    b_ptrs = (
+        b_ptr
+        + red.to(tl.int64)[:, None] * stride_b_red
+        + b_cols.to(tl.int64)[None, :] * stride_b_col
+    )
+    for _ in range(red_start, red_end, BLOCK_RED):
+        red_mask = red < red_end
+        a = tl.load(a_ptrs, mask=a_row_mask[:, None] & red_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=red_mask[:, None] & b_col_mask[None, :], other=0.0)
+        if DOT_IN_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_RED * stride_a_red
+        b_ptrs += BLOCK_RED * stride_b_red
+        red += BLOCK_RED
+    return acc
+
+
+def dot_options(dtype: torch.dtype) -> dict:
+    """tl.dot settings: TF32 for float32 only when PyTorch allows it; half-precision tiles
+    widened to float32 under the interpreter."""
+    tf32 = dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+    return {
+        "INPUT_PRECISION": "tf32" if tf32 else "ieee",
+        "DOT_IN_FP32": INTERPRETING and dtype != torch.float32,
+    }
+
+
+def persistent_grid(rows: int, groups: int, out_cols: int, device: torch.device, gated: bool = False):
+    """The grid of a persistent grouped-GEMM walk: one program per SM, but no more than the
+    output tiles, which number at most (cdiv(rows, BLOCK_M) + groups) row tiles (one partial
+    tile per group) times the column tiles; ``gated`` tiles cover BLOCK_N / 2 output columns."""
+    programs = max_programs(device)
+
+    def grid(meta):
+        block_n = meta["BLOCK_N"] // 2 if gated else meta["BLOCK_N"]
+        tiles = (triton.cdiv(rows, meta["BLOCK_M"]) + groups) * triton.cdiv(out_cols, block_n)
+        return (min(programs, tiles),)
+
+    return grid
+
+
+@functools.cache
+def max_programs(device: torch.device) -> int:
+    """Programs of the persistent forward: one per SM on a GPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_PROGRAMS
+
+
+
+ACTIVATION_CODES = {"identity": 0, "silu": 1, "gelu": 2, "relu": 3}
+
+
+@triton.jit
+def activate(z, ACTIVATION: tl.constexpr):
+    """The activation of code ACTIVATION (see ACTIVATION_CODES) applied to a float32 tile;
+    gelu is the exact erf form."""
+    if ACTIVATION == 1:
+        z = z / (1.0 + tl.exp(-z))
+    elif ACTIVATION == 2:
+        z = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    elif ACTIVATION == 3:
+        z = tl.maximum(z, 0.0)
+    return z
