@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import batch, build
+from hf_models import NAMES, batch, build
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import modekernels
 import modekernels.hf as mh
@@ -88,3 +89,118 @@ def test_add_domain_experts_rejects_bad_arguments():
         mh.add_domain_experts(build("gpt2"), ["a"], layers_per_expert=0)
     with pytest.raises(ValueError, match="add_domain_experts first"):
         mh.compose(build("gpt2"))
+
+
+# --------------------------------------------------------------------------- grouped experts
+
+
+def _loop_forward(self, x, y, *args, **kwargs):
+    """The oracle: each active expert's layers one after another over the whole batch."""
+    import inspect
+
+    y_bb = y[0] if isinstance(y, tuple) else y
+    logits = self.gate(x)
+    allowed = torch.zeros(1 + len(self.domains), dtype=torch.bool)
+    allowed[0] = True
+    for name in self.active:
+        allowed[1 + self.domains.index(name)] = True
+    allowed = allowed.expand(logits.shape)
+    if self.domain_ids is not None:
+        column = torch.arange(logits.shape[-1]) - 1
+        allowed = allowed & ((column == self.domain_ids.view(-1, 1, 1)) | (column == -1))
+    a = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    out = a[..., :1] * y_bb
+    for name in self.active:
+        h = x
+        for layer in self.experts[name]:
+            bound = inspect.signature(layer.forward).bind_partial(h, *args, **kwargs)
+            for key, value in (("past_key_values", None), ("use_cache", False)):
+                if key in bound.arguments:
+                    bound.arguments[key] = value
+            h = layer(*bound.args, **bound.kwargs)
+            h = h[0] if isinstance(h, tuple) else h
+        j = 1 + self.domains.index(name)
+        out = out + a[..., j : j + 1] * h
+    return (out, *y[1:]) if isinstance(y, tuple) else out
+
+
+def _logits_and_grads(model, ids, mask, domain_ids, oracle):
+    experts = list(mh.added_modules(model).values())
+    if oracle:
+        for module in experts:
+            module.forward = _loop_forward.__get__(module)
+    try:
+        out = model(ids, attention_mask=mask, domain_ids=domain_ids).logits
+    finally:
+        for module in experts:
+            module.__dict__.pop("forward", None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    if not out.requires_grad:  # no sequence reaches a trainable expert
+        return out, [torch.zeros_like(p) for p in params]
+    grads = torch.autograd.grad((out * weights).sum(), params, allow_unused=True)
+    return out.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grouped_experts_equal_the_per_expert_loop(name, monkeypatch):
+    model = build(name)
+    mh.add_domain_experts(model, ["news", "code", "law"], layers_per_expert=2)
+    mh.compose(model)
+    with torch.no_grad():
+        for module in mh.added_modules(model).values():
+            module.gate.weight.normal_(std=0.5)
+            for p in module.experts.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    ids = batch(batch_size=5, seq=6)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0  # padding reaches the experts' attention through the gathered mask
+    mask[3, 5:] = 0
+    domain_ids = torch.tensor([2, -1, 0, 2, 0])  # "code" has no sequence
+    for active, routing, ids_on_host in (
+        ("all", domain_ids, True), ("all", None, True), ("code", domain_ids, True),
+        ("law", domain_ids, True), ("law", None, True),
+        # ids on the GPU: the batch keeps its size, unrouted sequences sorted last and skipped
+        ("all", domain_ids, False), ("law", domain_ids, False),
+    ):
+        if active == "all":
+            mh.compose(model)
+        else:
+            mh.train_domain(model, active)
+        want = _logits_and_grads(model, ids, mask, routing, oracle=True)
+        with monkeypatch.context() as patch:
+            if not ids_on_host:
+                patch.setattr(mh.domain_experts, "values_visible", lambda t: False)
+            got = _logits_and_grads(model, ids, mask, routing, oracle=False)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func] = self.counts.get(func, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name, linears", [("llama", 7), ("gpt2", 4)])
+def test_each_linear_of_the_experts_is_one_grouped_mm_whatever_the_domains(name, linears):
+    model = build(name)
+    domains = ["a", "b", "c"]
+    mh.add_domain_experts(model, domains, layers_per_expert=2, blocks=[1])
+    mh.compose(model)
+    ids = batch(batch_size=4)
+    grouped_mm = torch.ops.modekernels.grouped_mm.default
+    for active, domain_ids in ((domains[:1], [0, 0, -1, 0]), (domains, [2, 0, 1, -1]), (domains, None)):
+        for module in mh.added_modules(model).values():
+            module.active = list(active)
+        with _CountOps() as ops:
+            logits(model, ids, domain_ids=None if domain_ids is None else torch.tensor(domain_ids))
+        assert ops.counts.get(grouped_mm, 0) == 2 * linears
+    with _CountOps() as ops:  # backbone-only sequences cost nothing in the experts
+        logits(model, ids, domain_ids=torch.tensor([-1, -1, -1, -1]))
+    assert grouped_mm not in ops.counts
+    with pytest.raises(ValueError, match=r"domain_ids must have shape \(4,\), one id per sequence; got \(3,\)"):
+        logits(model, ids, domain_ids=torch.tensor([0, 1, 2]))

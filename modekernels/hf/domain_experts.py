@@ -8,9 +8,11 @@ zero). Right after :func:`add_domain_experts` no expert is active, so outputs eq
 model's. :func:`train_domain` activates one expert and makes only it trainable (stage 1);
 :func:`compose` activates all experts and trains experts and gates (stage 2).
 
-A batch may mix domains: pass ``domain_ids`` (B,) to the model's forward; sequence i then mixes the backbone with expert ``domain_ids[i]`` only
-(-1: the backbone alone). The expert layers run without the KV cache: generate with
-``use_cache=False``.
+A batch may mix domains: pass ``domain_ids`` (B,) to the model's forward; sequence i then mixes
+the backbone with expert ``domain_ids[i]`` only (-1: the backbone alone). Keep the ids on the CPU
+(then sequences bound for no expert cost nothing; see :class:`DomainExperts`). The experts of one
+block run together, each of their linear layers as one grouped GEMM over all domains. The expert
+layers run without the KV cache: generate with ``use_cache=False``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from modekernels._checks import values_visible
 from modekernels.hf import surgery
+from modekernels.nn.stacked import Grouping, StackedModules
+from modekernels.ops.routing import sort_by_expert
 
 __all__ = ["DomainExperts", "add_domain_experts", "compose", "train_domain"]
 
@@ -32,6 +37,21 @@ class DomainExperts(nn.Module):
     ``forward(x, y, *block_args, **block_kwargs)``: x (B, T, d) the block input, y the block's
     output; returns the gated mixture. ``active`` (a Python list of domain names) says which
     experts take part; ``domain_ids`` (B,) int64 or None routes sequences to one domain each.
+
+    The experts run together: layer k of every domain's expert is stacked into one
+    :class:`~modekernels.nn.StackedModules` (``stacked[k]``, outside the module tree: the
+    per-domain layers under ``experts`` keep owning the parameters, so state dicts and
+    :func:`train_domain`'s per-domain ``requires_grad`` are unchanged; each forward stacks the
+    active experts' weights, one copy, a view when one expert is active). The sequences each
+    expert runs on are gathered into one *expert batch* sorted by domain (a stable counting sort
+    on the device, :func:`~modekernels.sort_by_expert`) and every linear layer of the experts
+    runs as one grouped GEMM over it; the outputs are scattered back, weighted by the gate.
+    With ``domain_ids``, each sequence of an active domain appears once and the others (-1,
+    inactive or unknown domains) not at all when the ids are on the CPU (their count is then
+    known to the host without a device sync); ids on the GPU keep the batch size and sort those
+    sequences last, where the grouped GEMMs skip them (attention and norms still run on them).
+    Without ``domain_ids`` the batch appears once per active expert. Inactive experts are
+    neither stacked nor run.
     """
 
     def __init__(self, domains: Sequence[str], experts: Sequence[Sequence[nn.Module]], d_model: int):
@@ -43,25 +63,61 @@ class DomainExperts(nn.Module):
         nn.init.zeros_(self.gate.bias)
         self.active: list = []
         self.domain_ids: Optional[torch.Tensor] = None
+        layers = zip(*(self.experts[name] for name in self.domains))
+        self.stacked = [StackedModules(same_depth) for same_depth in layers]  # a list: not registered
 
     def extra_repr(self) -> str:
         return f"domains={self.domains}, active={self.active}"
 
-    def _run_expert(self, name: str, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-        h = x
-        for layer in self.experts[name]:
-            bound = inspect.signature(layer.forward).bind_partial(h, *args, **kwargs)
-            for key, value in (("past_key_values", None), ("use_cache", False)):
-                if key in bound.arguments:
-                    bound.arguments[key] = value
-            h = layer(*bound.args, **bound.kwargs)
-            h = h[0] if isinstance(h, tuple) else h
-        return h
+    def _expert_batch(self, members: tuple, batch: int, device: torch.device) -> Optional[tuple]:
+        """(src, grouping): src (P,) the batch sequence behind each expert-batch sequence, sorted
+        by group (group g runs domain ``members[g]``); None when no sequence goes to an expert."""
+        num = len(members)
+        if self.domain_ids is None:
+            src = torch.arange(batch, device=device).repeat(num)
+            group = torch.arange(num, device=device).repeat_interleave(batch)
+            offs = torch.arange(1, num + 1, device=device, dtype=torch.int32) * batch
+            return src, Grouping(members, group, offs)
+        ids = self.domain_ids
+        # group of each sequence: the position of its domain in members; num for no expert
+        lookup = torch.full((len(self.domains) + 1,), num, dtype=torch.int64, device=ids.device)
+        for g, m in enumerate(members):  # scalar fills: no host-to-device copy
+            lookup[1 + m] = g
+        known = (ids >= -1) & (ids < len(self.domains))
+        key = lookup[torch.where(known, ids.long() + 1, 0)]
+        src, ends = sort_by_expert(key, num + 1)
+        if values_visible(ends):  # ids on the host: drop the sequences that go to no expert
+            routed = int(ends[num - 1])
+            if routed == 0:
+                return None
+            src = src[:routed]
+        src, key, offs = (t.to(device, non_blocking=True) for t in (src, key, ends[:num]))
+        group = key.index_select(0, src).clamp_(max=num - 1)
+        return src, Grouping(members, group, offs)
 
     def forward(self, x: torch.Tensor, y, *args, **kwargs):
         if not self.active:
             return y
+        if self.domain_ids is not None and self.domain_ids.shape != x.shape[:1]:
+            raise ValueError(
+                f"domain_ids must have shape ({x.shape[0]},), one id per sequence; "
+                f"got {tuple(self.domain_ids.shape)}"
+            )
         y_bb = y[0] if isinstance(y, tuple) else y
+        a = self._gate_weights(x).to(y_bb.dtype)
+        out = a[..., :1] * y_bb
+        members = tuple(sorted(self.domains.index(name) for name in self.active))
+        expert_batch = self._expert_batch(members, x.shape[0], x.device)
+        if expert_batch is not None:
+            src, grouping = expert_batch
+            block_args = _gather_batch((args, kwargs), src, x.shape[0])
+            h = self._run_experts(grouping, x.index_select(0, src), block_args)
+            out = self._add_experts(out, a, h, src, grouping)
+        return (out, *y[1:]) if isinstance(y, tuple) else out
+
+    def _gate_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """a (B, T, 1 + domains): softmax of the gate over the backbone (column 0) and the
+        experts each token may use (active, and its sequence's domain when ids are given)."""
         logits = self.gate(x)
         allowed = torch.zeros(1 + len(self.domains), dtype=torch.bool, device=x.device)
         allowed[0] = True
@@ -69,15 +125,51 @@ class DomainExperts(nn.Module):
             allowed[1 + self.domains.index(name)] = True
         allowed = allowed.expand(logits.shape)
         if self.domain_ids is not None:
-            ids = self.domain_ids.to(x.device).view(-1, *([1] * (logits.dim() - 1)))
+            ids = self.domain_ids.to(x.device, non_blocking=True).view(-1, *([1] * (logits.dim() - 1)))
             column = torch.arange(logits.shape[-1], device=x.device) - 1
             allowed = allowed & ((column == ids) | (column == -1))
-        a = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).to(y_bb.dtype)
-        out = a[..., :1] * y_bb
-        for name in self.active:
-            j = 1 + self.domains.index(name)
-            out = out + a[..., j : j + 1] * self._run_expert(name, x, args, kwargs)
-        return (out, *y[1:]) if isinstance(y, tuple) else out
+        return torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+
+    def _add_experts(self, out, a, h, src, grouping: Grouping) -> torch.Tensor:
+        """out plus each expert-batch sequence's output h, weighted by its gate column and added
+        to its batch sequence src."""
+        columns = torch.empty(len(grouping.members), dtype=torch.int64, device=a.device)
+        for g, m in enumerate(grouping.members):  # scalar fills: no host-to-device copy
+            columns[g] = 1 + m
+        column = columns.index_select(0, grouping.group).view(-1, *([1] * (a.dim() - 1)))
+        weight = a.index_select(0, src)
+        contribution = weight.gather(-1, column.expand(*weight.shape[:-1], 1)) * h
+        if self.domain_ids is None:  # the batch once per group, in group order
+            return out + contribution.view(len(grouping.members), *out.shape).sum(0)
+        return out.index_add(0, src, contribution)  # each sequence at most once
+
+    def _run_experts(self, grouping: Grouping, h: torch.Tensor, block_args: tuple) -> torch.Tensor:
+        args, kwargs = block_args
+        if any(stacked.training != self.training for stacked in self.stacked):
+            for stacked in self.stacked:
+                stacked.train(self.training)
+        for stacked in self.stacked:
+            bound = inspect.signature(stacked.template.forward).bind_partial(h, *args, **kwargs)
+            for key, value in (("past_key_values", None), ("use_cache", False)):
+                if key in bound.arguments:
+                    bound.arguments[key] = value
+            h = stacked(grouping, *bound.args, **bound.kwargs)
+            h = h[0] if isinstance(h, tuple) else h
+        return h
+
+
+def _gather_batch(value, src: torch.Tensor, batch: int):
+    """``value`` with every batch-major tensor (rank ≥ 2, dim 0 of size ``batch``: attention
+    masks, position ids and embeddings) gathered to the expert batch's sequences ``src``, looking
+    into tuples, lists and dicts; other values (rank-1 tensors such as ``cache_position``,
+    broadcasting tensors with dim 0 of size 1, caches) unchanged."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == batch:
+        return value.index_select(0, src)
+    if type(value) in (tuple, list):
+        return type(value)(_gather_batch(v, src, batch) for v in value)
+    if type(value) is dict:
+        return {k: _gather_batch(v, src, batch) for k, v in value.items()}
+    return value
 
 
 def _build(model: nn.Module, layer: int, options: dict) -> nn.Module:
