@@ -18,6 +18,8 @@ import pytest
 
 import harness  # first: it sets TRITON_INTERPRET on a machine without a GPU
 
+from modekernels.benchtool.results import format_time
+
 _measured: list[harness.Ceilings] = []
 
 
@@ -59,15 +61,6 @@ def _speedup(ratio: float | None) -> str:
     return "-" if ratio is None else f"{ratio:.2f}x"
 
 
-def _time(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
-        if seconds >= scale:
-            return f"{seconds / scale:.3f} {unit}"
-    return f"{seconds / 1e-9:.1f} ns"
-
-
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter):
     if not harness.records:
@@ -91,7 +84,7 @@ def pytest_terminal_summary(terminalreporter):
         write(header)
         for r in rows:
             i = r.extra_info
-            write(f"  {r.provider:<12} {_time(r.mean_s):>12} {_cell(i.get('tflops'), '.4g'):>9} "
+            write(f"  {r.provider:<12} {format_time(r.mean_s):>12} {_cell(i.get('tflops'), '.4g'):>9} "
                   f"{_cell(i.get('fraction_of_matmul'), '.1%'):>7} "
                   f"{_cell(i.get('gbps'), '.4g'):>9} {_cell(i.get('fraction_of_copy'), '.1%'):>8} "
                   f"{_speedup(i.get('speedup')):>8}")

@@ -67,3 +67,10 @@ def poisoned():
     """The test runs inside :func:`poisoned_allocations`."""
     with poisoned_allocations():
         yield
+
+
+@pytest.fixture
+def reference_backend():
+    """The test runs with every op on the reference backend."""
+    with backends.use_backend("reference"):
+        yield

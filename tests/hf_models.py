@@ -64,3 +64,9 @@ def batch(batch_size: int = 2, seq: int = 7, seed: int = 1) -> torch.Tensor:
     """Token ids (batch_size, seq); ids start at 2 (RoBERTa's padding id is 1)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(2, VOCAB, (batch_size, seq), generator=g)
+
+
+def logits(model, ids, **kwargs):
+    """The model's logits for ids, without gradients."""
+    with torch.no_grad():
+        return model(ids, **kwargs).logits

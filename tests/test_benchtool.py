@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from modekernels.benchtool import compare, plot, run, table
+from modekernels.benchtool import compare, run, table
 from modekernels.cli import main as cli_main
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"

@@ -5,22 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import NAMES, batch, build
+from hf_models import NAMES, batch, build, logits
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import modekernels
 import modekernels.hf as mh
 
 
-@pytest.fixture(autouse=True)
-def _reference_backend():
-    with modekernels.use_backend("reference"):
-        yield
-
-
-def logits(model, ids, **kwargs):
-    with torch.no_grad():
-        return model(ids, **kwargs).logits
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 def trainable(model):

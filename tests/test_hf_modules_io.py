@@ -8,14 +8,10 @@ import pytest
 import torch
 from hf_models import batch, build
 
-import modekernels
 import modekernels.hf as mh
 
 
-@pytest.fixture(autouse=True)
-def _reference_backend():
-    with modekernels.use_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 def logits(model, ids):

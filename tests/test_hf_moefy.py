@@ -7,15 +7,11 @@ import pytest
 import torch
 from hf_models import batch, build
 
-import modekernels
 import modekernels.hf as mh
 from modekernels.hf.moefy import deal_neurons
 
 
-@pytest.fixture(autouse=True)
-def _reference_backend():
-    with modekernels.use_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 def logits(model, ids):

@@ -5,21 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import FAMILY_OF, NAMES, batch, build
+from hf_models import FAMILY_OF, NAMES, batch, build, logits
 
 import modekernels
 import modekernels.hf as mh
 
 
-@pytest.fixture(autouse=True)
-def _reference_backend():
-    with modekernels.use_backend("reference"):
-        yield
-
-
-def logits(model, ids, **kwargs):
-    with torch.no_grad():
-        return model(ids, **kwargs).logits
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 def ffn_of(model, i):

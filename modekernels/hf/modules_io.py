@@ -20,7 +20,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 from torch import nn
 
 from modekernels.hf import surgery
