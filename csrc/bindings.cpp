@@ -1,4 +1,5 @@
-// The Python module modekernels._C: build facts and the grouped GEMM entry points.
+// The Python module modekernels._C: build facts and the entry points of the grouped GEMM, routing,
+// expert-MLP and gated-residue kernels.
 //
 // Functions take data pointers as integers, shapes and element strides, a dtype code
 // (0 float32, 1 float16, 2 bfloat16), the CUDA stream as an integer, and for the Hopper kernels
@@ -15,6 +16,9 @@
 
 #include "cuda_check.h"
 #include "grouped_mm.h"
+#include "moe_mlp.h"
+#include "neutral_residue.h"
+#include "routing.h"
 
 namespace py = pybind11;
 using namespace pybind11::literals;
@@ -170,12 +174,130 @@ void grouped_mm_weight_grad_sm90_py(std::uintptr_t, std::uintptr_t, std::uintptr
 }
 #endif
 
+// Routing (routing.h).
+void route_top1_py(std::uintptr_t logits, int64_t T, int64_t E, int64_t stride_t,
+                   int64_t stride_e, int dtype, int64_t capacity, int64_t rows_per_chunk,
+                   std::uintptr_t gate, std::uintptr_t aux_loss, std::uintptr_t z_loss,
+                   std::uintptr_t lse, std::uintptr_t expert_idx, std::uintptr_t perm,
+                   std::uintptr_t offs, std::uintptr_t tokens_per_expert, std::uintptr_t dropped,
+                   std::uintptr_t routed, std::uintptr_t workspace, size_t workspace_bytes,
+                   std::uintptr_t stream) {
+  route_top1(RouteTop1Args{
+      as_pointer<const void>(logits), T, E, stride_t, stride_e, dtype_from_code(dtype, true),
+      capacity, rows_per_chunk, as_pointer<void>(gate), as_pointer<float>(aux_loss),
+      as_pointer<float>(z_loss), as_pointer<float>(lse), as_pointer<int64_t>(expert_idx),
+      as_pointer<int64_t>(perm), as_pointer<int32_t>(offs), as_pointer<int32_t>(tokens_per_expert),
+      as_pointer<uint8_t>(dropped), as_pointer<int32_t>(routed), as_pointer<void>(workspace),
+      workspace_bytes, as_stream(stream)});
+}
+
+void sort_by_expert_py(std::uintptr_t idx, bool idx_is_int64, int64_t n, int64_t E,
+                       int64_t rows_per_chunk, std::uintptr_t perm, std::uintptr_t offs,
+                       std::uintptr_t workspace, size_t workspace_bytes, std::uintptr_t stream) {
+  sort_by_expert(as_pointer<const void>(idx), idx_is_int64, n, E, rows_per_chunk,
+                 as_pointer<int64_t>(perm), as_pointer<int32_t>(offs), as_pointer<void>(workspace),
+                 workspace_bytes, as_stream(stream));
+}
+
+void route_top1_backward_py(std::uintptr_t logits, int64_t T, int64_t E, int64_t stride_t,
+                            int64_t stride_e, int dtype, std::uintptr_t lse,
+                            std::uintptr_t expert_idx, std::uintptr_t dropped,
+                            std::uintptr_t routed, std::uintptr_t grad_gate,
+                            std::uintptr_t grad_aux, std::uintptr_t grad_z, std::uintptr_t grad,
+                            std::uintptr_t stream) {
+  route_top1_backward(RouteTop1BackwardArgs{
+      as_pointer<const void>(logits), T, E, stride_t, stride_e, dtype_from_code(dtype, true),
+      as_pointer<const float>(lse), as_pointer<const int64_t>(expert_idx),
+      as_pointer<const uint8_t>(dropped), as_pointer<const int32_t>(routed),
+      as_pointer<const float>(grad_gate), as_pointer<const float>(grad_aux),
+      as_pointer<const float>(grad_z), as_pointer<void>(grad), as_stream(stream)});
+}
+
+// Expert MLP (moe_mlp.h).
+void gather_rows_py(std::uintptr_t x, int64_t T, int64_t K, int64_t x_stride_t,
+                    int64_t x_stride_k, std::uintptr_t perm, int64_t S, int64_t top_k,
+                    std::uintptr_t dst, size_t element_bytes, std::uintptr_t stream) {
+  gather_rows(as_pointer<const void>(x), T, K, x_stride_t, x_stride_k,
+              as_pointer<const int64_t>(perm), S, top_k, as_pointer<void>(dst), element_bytes,
+              as_stream(stream));
+}
+
+void moe_mlp_up_epilogue_py(std::uintptr_t pre, std::uintptr_t bias, int64_t bias_stride_e,
+                            int64_t bias_stride_n, std::uintptr_t offs, int64_t S, int64_t E,
+                            int64_t I, bool gated, int activation, bool keep, std::uintptr_t h,
+                            int dtype, std::uintptr_t stream) {
+  moe_mlp_up_epilogue(MoeUpEpilogueArgs{
+      as_pointer<void>(pre), as_pointer<const void>(bias), bias_stride_e, bias_stride_n,
+      as_pointer<const int32_t>(offs), S, E, I, gated, activation, keep, as_pointer<void>(h),
+      dtype_from_code(dtype, true), as_stream(stream)});
+}
+
+void moe_mlp_down_combine_py(std::uintptr_t out, std::uintptr_t perm, std::uintptr_t offs,
+                             int64_t S, int64_t E, int64_t N, int64_t T, int64_t top_k,
+                             std::uintptr_t bias, int64_t bias_stride_e, int64_t bias_stride_n,
+                             std::uintptr_t gate, std::uintptr_t slot_row,
+                             std::uintptr_t slot_expert, std::uintptr_t y, int dtype,
+                             std::uintptr_t stream) {
+  moe_mlp_down_combine(MoeDownCombineArgs{
+      as_pointer<const void>(out), as_pointer<const int64_t>(perm), as_pointer<const int32_t>(offs),
+      S, E, N, T, top_k, as_pointer<const void>(bias), bias_stride_e, bias_stride_n,
+      as_pointer<const float>(gate), as_pointer<int64_t>(slot_row),
+      as_pointer<int32_t>(slot_expert), as_pointer<void>(y), dtype_from_code(dtype, true),
+      as_stream(stream)});
+}
+
+// Gated residue block (neutral_residue.h).
+void neutral_residue_gate_py(std::uintptr_t x, int64_t T, int64_t d, int64_t x_stride_t,
+                             int64_t x_stride_d, std::uintptr_t w_gate, int64_t w_gate_stride,
+                             std::uintptr_t b_gate, int gate, std::uintptr_t g, int dtype,
+                             std::uintptr_t stream) {
+  neutral_residue_gate(NeutralGateArgs{
+      as_pointer<const void>(x), T, d, x_stride_t, x_stride_d, as_pointer<const void>(w_gate),
+      w_gate_stride, as_pointer<const void>(b_gate), gate, as_pointer<float>(g),
+      dtype_from_code(dtype, true), as_stream(stream)});
+}
+
+void neutral_residue_project_epilogue_py(std::uintptr_t pre, int64_t T, int64_t d_a, bool glu,
+                                         std::uintptr_t b_in, std::uintptr_t b_glu,
+                                         int activation, bool keep, std::uintptr_t skip_gate,
+                                         std::uintptr_t h, int dtype, std::uintptr_t stream) {
+  neutral_residue_project_epilogue(NeutralProjectEpilogueArgs{
+      as_pointer<void>(pre), T, d_a, glu, as_pointer<const void>(b_in),
+      as_pointer<const void>(b_glu), activation, keep, as_pointer<const float>(skip_gate),
+      as_pointer<void>(h), dtype_from_code(dtype, true), as_stream(stream)});
+}
+
+void neutral_residue_output_epilogue_py(std::uintptr_t a, int64_t T, int64_t d,
+                                        std::uintptr_t b_out, std::uintptr_t g,
+                                        std::uintptr_t residual, int64_t residual_stride_t,
+                                        int64_t residual_stride_d, std::uintptr_t y,
+                                        std::uintptr_t l1, int dtype, std::uintptr_t stream) {
+  neutral_residue_output_epilogue(NeutralOutputEpilogueArgs{
+      as_pointer<const void>(a), T, d, as_pointer<const void>(b_out), as_pointer<const float>(g),
+      as_pointer<const void>(residual), residual_stride_t, residual_stride_d, as_pointer<void>(y),
+      as_pointer<float>(l1), dtype_from_code(dtype, true), as_stream(stream)});
+}
+
+void neutral_residue_glu_backward_py(std::uintptr_t pre, int64_t pre_stride_t,
+                                     int64_t pre_stride_a, std::uintptr_t dh, int64_t dh_stride_t,
+                                     int64_t dh_stride_a, std::uintptr_t g, std::uintptr_t extra,
+                                     int64_t T, int64_t d_a, bool glu, int activation, int gate,
+                                     std::uintptr_t gh, std::uintptr_t dpre, int dtype,
+                                     std::uintptr_t stream) {
+  neutral_residue_glu_backward(NeutralGluBackwardArgs{
+      as_pointer<const void>(pre), pre_stride_t, pre_stride_a, as_pointer<const void>(dh),
+      dh_stride_t, dh_stride_a, as_pointer<const float>(g), as_pointer<const float>(extra), T,
+      d_a, glu, activation, gate, as_pointer<void>(gh), as_pointer<void>(dpre),
+      dtype_from_code(dtype, true), as_stream(stream)});
+}
+
 }  // namespace
 }  // namespace modekernels
 
 PYBIND11_MODULE(_C, m) {
   using namespace modekernels;
-  m.doc() = "modekernels CUDA kernels (pybind11, no PyTorch): grouped GEMMs";
+  m.doc() = "modekernels CUDA kernels (pybind11, no PyTorch): grouped GEMMs, routing, expert MLP "
+            "and gated residue epilogues";
   m.def("built_with_cuda", [] { return true; }, "Whether the CUDA kernels were compiled in.");
   m.def("built_archs", &built_archs,
         "The compute capabilities compiled for, as integers (e.g. [80, 90]).");
@@ -205,4 +327,51 @@ PYBIND11_MODULE(_C, m) {
         "dy_stride_s"_a, "dy_stride_n"_a, "dtype"_a, "workspace"_a, "workspace_bytes"_a,
         "sm_count"_a, "stream"_a,
         "dw = grouped x^T @ dy with the Hopper CUTLASS kernel (fp16/bf16, 16-byte aligned).");
+
+  m.def("routing_rows_per_chunk", &routing_rows_per_chunk, "entries"_a,
+        "The routing kernels' default chunk length for this many entries.");
+  m.def("routing_workspace_size", &routing_workspace_size, "entries"_a, "E"_a,
+        "rows_per_chunk"_a, "Bytes of workspace route_top1 / sort_by_expert need.");
+  m.def("routing_max_experts", &routing_max_experts,
+        "The most experts the routing kernels take.");
+  m.def("route_top1", &route_top1_py, release_gil, "logits"_a, "T"_a, "E"_a, "stride_t"_a,
+        "stride_e"_a, "dtype"_a, "capacity"_a, "rows_per_chunk"_a, "gate"_a, "aux_loss"_a,
+        "z_loss"_a, "lse"_a, "expert_idx"_a, "perm"_a, "offs"_a, "tokens_per_expert"_a,
+        "dropped"_a, "routed"_a, "workspace"_a, "workspace_bytes"_a, "stream"_a,
+        "Top-1 routing with capacity (outputs of modekernels.reference.routing.route_top1).");
+  m.def("sort_by_expert", &sort_by_expert_py, release_gil, "idx"_a, "idx_is_int64"_a, "n"_a,
+        "E"_a, "rows_per_chunk"_a, "perm"_a, "offs"_a, "workspace"_a, "workspace_bytes"_a,
+        "stream"_a, "Stable counting sort of n int32/int64 indices by expert.");
+  m.def("route_top1_backward", &route_top1_backward_py, release_gil, "logits"_a, "T"_a, "E"_a,
+        "stride_t"_a, "stride_e"_a, "dtype"_a, "lse"_a, "expert_idx"_a, "dropped"_a, "routed"_a,
+        "grad_gate"_a, "grad_aux"_a, "grad_z"_a, "grad"_a, "stream"_a,
+        "d loss / d logits (T, E contiguous) of route_top1.");
+
+  m.def("gather_rows", &gather_rows_py, release_gil, "x"_a, "T"_a, "K"_a, "x_stride_t"_a,
+        "x_stride_k"_a, "perm"_a, "S"_a, "top_k"_a, "dst"_a, "element_bytes"_a, "stream"_a,
+        "dst (S, K contiguous)[r] = x[perm[r] // top_k].");
+  m.def("moe_mlp_up_epilogue", &moe_mlp_up_epilogue_py, release_gil, "pre"_a, "bias"_a,
+        "bias_stride_e"_a, "bias_stride_n"_a, "offs"_a, "S"_a, "E"_a, "I"_a, "gated"_a,
+        "activation"_a, "keep"_a, "h"_a, "dtype"_a, "stream"_a,
+        "h = act(pre + b1[e]) (or the GLU) per sorted row; with keep, the bias added to pre.");
+  m.def("moe_mlp_down_combine", &moe_mlp_down_combine_py, release_gil, "out"_a, "perm"_a,
+        "offs"_a, "S"_a, "E"_a, "N"_a, "T"_a, "top_k"_a, "bias"_a, "bias_stride_e"_a,
+        "bias_stride_n"_a, "gate"_a, "slot_row"_a, "slot_expert"_a, "y"_a, "dtype"_a, "stream"_a,
+        "y[t] = sum over j in order of gate[t*k+j] * (out[row] + b2[e]).");
+
+  m.def("neutral_residue_gate", &neutral_residue_gate_py, release_gil, "x"_a, "T"_a, "d"_a,
+        "x_stride_t"_a, "x_stride_d"_a, "w_gate"_a, "w_gate_stride"_a, "b_gate"_a, "gate"_a,
+        "g"_a, "dtype"_a, "stream"_a, "g (T,) float32 = gate(x . w_gate + b_gate).");
+  m.def("neutral_residue_project_epilogue", &neutral_residue_project_epilogue_py, release_gil,
+        "pre"_a, "T"_a, "d_a"_a, "glu"_a, "b_in"_a, "b_glu"_a, "activation"_a, "keep"_a,
+        "skip_gate"_a, "h"_a, "dtype"_a, "stream"_a,
+        "h = act(u + b_in) * (v + b_glu) from pre = [u | v]; with keep, biases added to pre.");
+  m.def("neutral_residue_output_epilogue", &neutral_residue_output_epilogue_py, release_gil,
+        "a"_a, "T"_a, "d"_a, "b_out"_a, "g"_a, "residual"_a, "residual_stride_t"_a,
+        "residual_stride_d"_a, "y"_a, "l1"_a, "dtype"_a, "stream"_a,
+        "y = residual + g * (a + b_out) (exactly the residual where g == 0) and l1 per row.");
+  m.def("neutral_residue_glu_backward", &neutral_residue_glu_backward_py, release_gil, "pre"_a,
+        "pre_stride_t"_a, "pre_stride_a"_a, "dh"_a, "dh_stride_t"_a, "dh_stride_a"_a, "g"_a,
+        "extra"_a, "T"_a, "d_a"_a, "glu"_a, "activation"_a, "gate"_a, "gh"_a, "dpre"_a,
+        "dtype"_a, "stream"_a, "gh = g * h and dpre = [du | dv | dz] of the gated residue block.");
 }

@@ -1,4 +1,5 @@
-// The rows of one group, read from the device-side cumulative end offsets.
+// The rows of one group, and the group of one row, read from the device-side cumulative end
+// offsets.
 #pragma once
 
 #include <cstdint>
@@ -13,6 +14,30 @@ __device__ __forceinline__ void group_rows(const int32_t* offs, int64_t e, int64
   const int64_t last = static_cast<int64_t>(offs[e]);
   start = first < 0 ? 0 : (first > S ? S : first);
   end = last < start ? start : (last > S ? S : last);
+}
+
+// The group whose rows (as group_rows clamps them) hold row r, or E when none does (rows at or
+// past offs[E-1]). A binary search over the non-decreasing offsets; offsets that are not
+// non-decreasing give E or some group holding r, never an index outside [0, E].
+__device__ __forceinline__ int64_t group_of_row(const int32_t* offs, int64_t E, int64_t S,
+                                                int64_t r) {
+  int64_t low = 0, high = E;
+  while (low < high) {
+    const int64_t mid = low + (high - low) / 2;
+    int64_t start, end;
+    group_rows(offs, mid, S, start, end);
+    if (end > r) {
+      high = mid;
+    } else {
+      low = mid + 1;
+    }
+  }
+  if (low < E) {
+    int64_t start, end;
+    group_rows(offs, low, S, start, end);
+    if (r < start || r >= end) return E;
+  }
+  return low;
 }
 
 }  // namespace modekernels

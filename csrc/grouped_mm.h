@@ -12,9 +12,9 @@
 
 #include <cuda_runtime_api.h>
 
-namespace modekernels {
+#include "dtype.h"
 
-enum class Dtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+namespace modekernels {
 
 struct GroupedMmArgs {
   const void* x;       // (S, K), strides (x_stride_s, x_stride_k)

@@ -6,10 +6,8 @@
 // tx + 16 j, so shared-memory reads are broadcasts or consecutive).
 #include <cstdint>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "cuda_check.h"
+#include "elements.cuh"
 #include "group_rows.cuh"
 #include "grouped_mm.h"
 
@@ -24,22 +22,6 @@ constexpr int kThreadsPerRow = 16;                      // kThreads = 16 x 16
 constexpr int kLoadsPerThread = kTileM * kTileK / kThreads;  // also kTileK * kTileN / kThreads
 static_assert(kTileM * kTileK == kThreads * kLoadsPerThread, "A tile load split");
 static_assert(kTileK * kTileN == kThreads * kLoadsPerThread, "B tile load split");
-
-template <Dtype D> struct ElementOf;
-template <> struct ElementOf<Dtype::kFloat32> { using type = float; };
-template <> struct ElementOf<Dtype::kFloat16> { using type = __half; };
-template <> struct ElementOf<Dtype::kBFloat16> { using type = __nv_bfloat16; };
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // One group's C (M x N, row stride c_sm, unit column stride) = A (M x K) @ B (K x N), A and B
 // seen through element strides.
