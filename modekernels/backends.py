@@ -39,8 +39,10 @@ logger = logging.getLogger("modekernels")
 BACKENDS = ("reference", "triton", "cuda")
 ENV_VAR = "MODEKERNELS_BACKEND"
 
-# The automatic order on a CUDA device: fastest first.
-_AUTO_ORDER_CUDA = ("cuda", "triton", "reference")
+# Automatic orders on a CUDA device, fastest first. Fused Triton kernels come first unless an op
+# says otherwise (the Hopper CUTLASS grouped GEMM does); refine with measurements on each device.
+TRITON_FIRST = ("triton", "cuda", "reference")
+CUDA_FIRST = ("cuda", "triton", "reference")
 
 _stack: list[str | None] = [None]
 _logged: set[tuple[str, str, str]] = set()
@@ -163,6 +165,8 @@ class Dispatch:
 
     ``supports`` optionally maps a backend to a predicate over the call's arguments that returns
     None when the backend can run them, else the reason (for example an unsupported dtype).
+    ``prefer`` gives the automatic order on a CUDA device, fastest first: a tuple of backends or
+    a function of the device returning one (default :data:`TRITON_FIRST`).
     """
 
     def __init__(
@@ -170,6 +174,7 @@ class Dispatch:
         op: str,
         *,
         supports: dict[str, Callable[..., str | None]] | None = None,
+        prefer: tuple[str, ...] | Callable[[torch.device], tuple[str, ...]] = TRITON_FIRST,
         **paths: str,
     ):
         unknown = set(paths) - set(BACKENDS)
@@ -178,6 +183,7 @@ class Dispatch:
         self.op = op
         self.paths = paths
         self.supports = supports or {}
+        self.prefer = prefer
 
     @functools.cache
     def _load(self, backend: str) -> Callable:
@@ -203,7 +209,8 @@ class Dispatch:
             return backend
         if device.type != "cuda":
             return "reference"
-        for candidate in _AUTO_ORDER_CUDA:
+        order = self.prefer(device) if callable(self.prefer) else self.prefer
+        for candidate in order:
             reason = self._reason(candidate, device, args)
             if reason is None:
                 return candidate
