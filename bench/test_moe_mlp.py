@@ -74,7 +74,7 @@ def _batched_mm_bytes(E, T, H, I, k) -> int:
     return T * k * 3 * H * I * torch.finfo(DTYPE).bits // 8
 
 
-@pytest.mark.parametrize("provider", provider_params(*TRANSFORMERS, "triton"))
+@pytest.mark.parametrize("provider", provider_params(*TRANSFORMERS, "triton", "cuda"))
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "E{}-T{}-H{}-I{}-k{}".format(*s))
 def test_moe_mlp(benchmark, ceilings, shape, mode, provider):

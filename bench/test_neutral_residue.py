@@ -63,12 +63,14 @@ def provider_forward(provider: str, t: dict, d: int, d_a: int):
     """The provider's forward as ``f() -> tuple of outputs`` and its trainable tensors."""
     if provider == "eager":
         return (lambda: eager_block(t)), [v for v in t.values() if v.requires_grad]
-    if provider in ("triton", "triton_sparse"):
+    if provider.startswith(("triton", "cuda")):
+        backend, _, variant = provider.partition("_")
+
         def fused():
             return modekernels.neutral_residue(
                 t["x"], t["w_in"], t["w_glu"], t["w_out"], t["w_gate"], t["b_gate"],
                 residual=t["residual"], activation="silu", gate="relu",
-                sparse=provider == "triton_sparse", backend="triton",
+                sparse=variant == "sparse", backend=backend,
             )
         return fused, [v for v in t.values() if v.requires_grad]
     if provider == "linear_adapter":
@@ -96,7 +98,7 @@ def step(forward, trainable, backward: bool):
     "provider",
     provider_params("eager", "peft_lora", "linear_adapter") + [
         pytest.param(p.values[0] + suffix, id=p.id + suffix, marks=p.marks)
-        for p in provider_params("triton")
+        for p in provider_params("triton", "cuda")
         for suffix in ("", "_sparse")
     ],
 )
@@ -108,7 +110,7 @@ def test_neutral_residue(benchmark, ceilings, size, sparsity, mode, provider):
     backward = mode == "fwdbwd"
     t = make_block(T, d, d_a, sparsity, backward)
     forward, trainable = provider_forward(provider, t, d, d_a)
-    if provider.startswith("triton"):
+    if provider.startswith(("triton", "cuda")):
         with torch.no_grad():
             y = forward()[0]
             expected = eager_block({k: v.float() for k, v in t.items()})[0]

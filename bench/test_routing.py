@@ -48,7 +48,7 @@ def provider_route(provider: str):
     return route
 
 
-@pytest.mark.parametrize("provider", provider_params("eager", "reference", "triton"))
+@pytest.mark.parametrize("provider", provider_params("eager", "reference", "triton", "cuda"))
 @pytest.mark.parametrize("num_experts", EXPERTS, ids=lambda e: f"E{e}")
 @pytest.mark.parametrize("num_tokens", TOKENS, ids=lambda t: f"T{t}")
 def test_route_top1(benchmark, ceilings, num_tokens, num_experts, provider):
