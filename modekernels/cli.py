@@ -22,7 +22,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     try:
         run_demo(device=args.device, seed=args.seed, out=args.out, steps=args.steps, quick=args.quick,
-                 threads=args.threads)
+                 threads=args.threads, large=args.large)
     except ValueError as exc:
         print(f"modekernels demo: error: {exc}", file=sys.stderr)
         return 2
@@ -52,6 +52,8 @@ def _add_demo(commands) -> None:
     demo.add_argument("--out", default="demo_out", help="output directory (default ./demo_out)")
     demo.add_argument("--steps", type=int, default=None, help="adaptation steps per method")
     demo.add_argument("--quick", action="store_true", help="a tiny model and a few steps (seconds)")
+    demo.add_argument("--large", action="store_true",
+                      help="a 25M-parameter model, longer training (for --device cuda)")
     demo.add_argument(
         "--threads", type=int, default=1,
         help="CPU threads for torch (default 1: the small model gains little from more, and one "

@@ -212,3 +212,13 @@ def test_cli_rejects_missing_arguments_and_bad_demo_options(capsys):
     if not torch.cuda.is_available():
         assert main(["demo", "--device", "cuda", "--out", "unused"]) == 2
         assert "--device cuda" in capsys.readouterr().err
+
+
+def test_large_config_is_the_gpu_budget_and_excludes_quick():
+    from modekernels.demo.run import demo_config
+
+    large = demo_config(large=True)
+    assert large.spec.hidden > demo_config().spec.hidden
+    assert large.adapt.steps > demo_config().adapt.steps
+    with pytest.raises(ValueError, match="--quick and --large"):
+        demo_config(quick=True, large=True)

@@ -43,11 +43,20 @@ class DemoConfig:
     methods: MethodOptions = MethodOptions()
 
 
-def demo_config(quick: bool = False, steps: Optional[int] = None) -> DemoConfig:
-    """The default budget (about two minutes of one CPU core), or with ``quick`` a tiny model
-    and a few steps (seconds, for tests). ``steps`` overrides the adaptation steps per method;
-    the adaptation learning rate is each method's own (``MethodOptions.lr_for``)."""
-    if quick:
+def demo_config(quick: bool = False, steps: Optional[int] = None, large: bool = False) -> DemoConfig:
+    """The default budget (about two minutes of one CPU core), with ``quick`` a tiny model and a
+    few steps (seconds, for tests), or with ``large`` a 25M-parameter model trained longer on
+    bigger batches (for a GPU). ``steps`` overrides the adaptation steps per method; the
+    adaptation learning rate is each method's own (``MethodOptions.lr_for``)."""
+    if quick and large:
+        raise ValueError("--quick and --large exclude each other")
+    if large:
+        config = DemoConfig(
+            spec=ModelSpec(layers=8, hidden=512, heads=8, context=256),
+            pretrain=TrainSettings(steps=1500, batch_size=32, lr=1e-3),
+            adapt=TrainSettings(steps=300, batch_size=32, lr=0.0),
+        )
+    elif quick:
         config = DemoConfig(
             spec=ModelSpec(layers=2, hidden=32, heads=2, context=32),
             pretrain=TrainSettings(steps=30, batch_size=8, lr=3e-3),
@@ -151,6 +160,7 @@ def run_demo(
     threads: Optional[int] = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    large: bool = False,
 ) -> list[MethodResult]:
     """Run the demo and write ``results.json`` and ``tradeoff.png`` under ``out``; returns the
     rows of the table (also printed through ``log``). ``methods`` picks a subset of
@@ -162,17 +172,17 @@ def run_demo(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(device, seed, out, steps, quick, methods, progress, log)
+        return _run(device, seed, out, steps, quick, methods, progress, log, large)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(device, seed, out, steps, quick, methods, progress, log) -> list[MethodResult]:
+def _run(device, seed, out, steps, quick, methods, progress, log, large) -> list[MethodResult]:
     started = time.perf_counter()
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was requested but torch sees no CUDA device")
-    config = demo_config(quick, steps)
+    config = demo_config(quick, steps, large)
     runnable, skipped = available_methods()
     if methods is not None:
         unknown = sorted(set(methods) - set(DEMO_METHODS))
@@ -234,7 +244,7 @@ def _run(device, seed, out, steps, quick, methods, progress, log) -> list[Method
     for method, reason in skipped.items():
         log(f"skipped {method}: {reason}")
     settings = {
-        "seed": seed, "device": str(device), "quick": quick, "model": asdict(config.spec),
+        "seed": seed, "device": str(device), "quick": quick, "large": large, "model": asdict(config.spec),
         "parameters": base_parameters, "pretrain": asdict(config.pretrain),
         "pretrained_from_cache": cached,
         "adapt": {k: v for k, v in asdict(config.adapt).items() if k != "lr"}, "mix": config.mix,

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One device call of a GPU session (see ../shared/GPU.md): build, then one stage, with everything
+# worth keeping written under $RESULTS. Each stage stays under the device's 10-minute limit.
+#
+#   RESULTS=$OUT bash scripts/gpu_session.sh tests         # build + every test on the GPU
+#   RESULTS=$OUT bash scripts/gpu_session.sh sanitize      # compute-sanitizer over the cuda paths
+#   RESULTS=$OUT bash scripts/gpu_session.sh ops [-k EXPR] # kernel benchmarks -> JSON
+#   RESULTS=$OUT bash scripts/gpu_session.sh models        # model-level benchmarks -> JSON
+#   RESULTS=$OUT bash scripts/gpu_session.sh demo          # the demo, --device cuda --large
+#
+# The nvidia-cutlass headers come from a wheel carried in .whl/ (pip download --no-deps -d .whl
+# nvidia-cutlass==4.2.0.0), since the GPU machine has no network.
+set -o pipefail
+export PYTHONUNBUFFERED=1
+: "${RESULTS:?set RESULTS to the folder to bring back}"
+stage=${1:?stage: tests, sanitize, ops, models or demo}
+shift
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit
+    export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -5
+python3 -m modekernels info | tee "$RESULTS/info.txt"
+
+case "$stage" in
+tests)
+    python3 -m pytest tests -q -x "$@" 2>&1 | tee "$RESULTS/tests.log"
+    ;;
+sanitize)
+    for tool in memcheck racecheck; do
+        compute-sanitizer --tool "$tool" --error-exitcode 1 python3 -m pytest -q -x \
+            tests/test_grouped_mm.py tests/test_routing.py tests/test_moe_mlp.py \
+            tests/test_neutral_residue.py -k "cuda and not compile and not opcheck" "$@" \
+            2>&1 | tail -40 | tee "$RESULTS/sanitize-$tool.log"
+    done
+    ;;
+ops | models)
+    python3 -m modekernels bench "--$stage" --out "$RESULTS" "$@" 2>&1 | tee "$RESULTS/bench-$stage.log"
+    ;;
+demo)
+    python3 -m modekernels demo --device cuda --large --out "$RESULTS/demo" "$@" 2>&1 | tee "$RESULTS/demo.log"
+    ;;
+*)
+    echo "unknown stage $stage" >&2
+    exit 2
+    ;;
+esac
