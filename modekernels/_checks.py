@@ -62,3 +62,12 @@ def check_offsets(name: str, offs: torch.Tensor, total: int, total_name: str) ->
     last = int(offs[-1])
     if last > total:
         raise ValueError(f"{name}[-1] must be at most {total_name} = {total}, got {last}")
+
+
+def check_index_range(name: str, t: torch.Tensor, high: int, what: str) -> None:
+    """Index values in [0, high), checked only where the host can see them (``values_visible``)."""
+    if not values_visible(t) or t.numel() == 0:
+        return
+    low, top = int(t.min()), int(t.max())
+    if low < 0 or top >= high:
+        raise ValueError(f"{name} must lie in [0, {high}) ({what}), got values in [{low}, {top}]")

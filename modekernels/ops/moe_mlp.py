@@ -321,12 +321,7 @@ def _check_routing(x, expert_idx, gate, w1, w2, activation, gated) -> None:
         raise ValueError(
             f"k = expert_idx.shape[1] = {top_k} exceeds the number of experts {num_experts}"
         )
-    if values_visible(expert_idx) and expert_idx.numel():
-        low, high = int(expert_idx.min()), int(expert_idx.max())
-        if low < 0 or high >= num_experts:
-            raise ValueError(
-                f"expert_idx must lie in [0, {num_experts}), got values in [{low}, {high}]"
-            )
+    check_index_range("expert_idx", expert_idx, num_experts, "the number of experts E")
 
 
 def moe_mlp(

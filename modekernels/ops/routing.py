@@ -31,7 +31,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from modekernels import backends
-from modekernels._checks import FLOAT_DTYPES, check_dim, check_tensor, values_visible
+from modekernels._checks import FLOAT_DTYPES, check_dim, check_index_range, check_tensor
 
 # The Triton kernels hold one (rows × next_power_of_2(E)) tile in registers; the CUDA kernels
 # keep per-warp sums of E floats in shared memory (csrc/routing.cu: routing_max_experts()).
@@ -121,15 +121,6 @@ def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float | 
 def _check_num_experts(num_experts: object) -> None:
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-
-
-def _check_values_below(name: str, t: torch.Tensor, high: int, what: str) -> None:
-    """Values in [0, high), checked only where the host can see them (see ``values_visible``)."""
-    if not values_visible(t) or t.numel() == 0:
-        return
-    low, top = int(t.min()), int(t.max())
-    if low < 0 or top >= high:
-        raise ValueError(f"{name} must lie in [0, {high}) ({what}), got values in [{low}, {top}]")
 
 
 def _check_logits(logits: object, capacity_factor: object) -> None:
@@ -245,7 +236,7 @@ def _sort_by_expert_op(
     expert_idx: torch.Tensor, num_experts: int, backend: Optional[str] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_expert_idx(expert_idx, num_experts)
-    _check_values_below("expert_idx", expert_idx, num_experts, "num_experts")
+    check_index_range("expert_idx", expert_idx, num_experts, "num_experts")
     return _sort(backend, expert_idx.device, expert_idx, num_experts)
 
 
@@ -357,12 +348,12 @@ def hash_route(
     check_tensor("token_ids", token_ids, rank=1, dtypes=INDEX_DTYPES)
     _check_num_experts(num_experts)
     if table is None:
-        _check_values_below("token_ids", token_ids, _HASH_PRIME, "ids hashed without a table")
+        check_index_range("token_ids", token_ids, _HASH_PRIME, "ids hashed without a table")
         expert_idx = (token_ids.long() * _HASH_A + _HASH_B) % _HASH_PRIME % num_experts
     else:
         check_tensor("table", table, rank=1, dtypes=INDEX_DTYPES, device=token_ids.device)
-        _check_values_below("table", table, num_experts, "num_experts")
-        _check_values_below("token_ids", token_ids, table.shape[0], "the table's vocabulary size")
+        check_index_range("table", table, num_experts, "num_experts")
+        check_index_range("token_ids", token_ids, table.shape[0], "the table's vocabulary size")
         expert_idx = table[token_ids].long()
     perm, offs = sort_by_expert(expert_idx, num_experts, backend=backend)
     num_tokens = token_ids.shape[0]
