@@ -23,6 +23,7 @@ from modekernels import backends
 from modekernels._checks import (
     FLOAT_DTYPES,
     check_dim,
+    check_index_range,
     check_offsets,
     check_tensor,
     values_visible,
