@@ -52,12 +52,15 @@ def _hopper_kernels_fit(
     sm: int, dtype: torch.dtype, tensors: tuple[torch.Tensor, ...], strides: tuple[int, ...]
 ) -> bool:
     """Whether the sm90 CUTLASS kernels can run: Hopper, 16-bit, each 2-D operand in
-    ``tensors`` with unit column stride, 16-byte aligned pointers and ``strides``."""
+    ``tensors`` with unit column stride, 16-byte aligned pointers and ``strides``, and every
+    size and stride below 2³¹ (the kernels' 32-bit problem shapes)."""
     if sm != 90 or dtype == torch.float32 or not _C.has_sm90_kernels():
         return False
     per_16_bytes = _TMA_ALIGNMENT_BYTES // dtype.itemsize
+    extents = [n for t in tensors for n in (*t.shape, *t.stride())] + list(strides)
     return (
-        all(t.data_ptr() % _TMA_ALIGNMENT_BYTES == 0 for t in tensors)
+        max(extents, default=0) < 2**31
+        and all(t.data_ptr() % _TMA_ALIGNMENT_BYTES == 0 for t in tensors)
         and all(t.stride(1) == 1 for t in tensors if t.dim() == 2)
         and all(s % per_16_bytes == 0 for s in strides)
     )
