@@ -1,5 +1,6 @@
-"""Pieces shared by the Triton kernels: the interpreter switch, autotune configurations, tl.dot
-settings, the persistent grid size, the strided tile product and the activations.
+"""Pieces shared by the Triton kernels: the interpreter switch, autotune configurations and their
+shared-memory pruning, tl.dot settings, the persistent grid size, the strided tile product and
+the activations.
 """
 
 from __future__ import annotations
@@ -30,6 +31,51 @@ def tile_configs(
         triton.Config(dict(zip(names, tile[:-2])), num_warps=tile[-2], num_stages=tile[-1])
         for tile in tiles
     ]
+
+
+class SharedMemoryPrune:
+    """The ``early_config_prune`` of ``triton.autotune``: drops, before any is compiled, the
+    configurations whose pipelined operand tiles overflow the device's shared memory per block
+    (227 KB on Hopper), which would otherwise each cost a compilation to fail at load time.
+
+    Triton's software pipeliner buffers num_stages copies of the tiles a loop loads on Hopper
+    and later, num_stages - 1 before; ``stage_elements(meta)`` gives the elements of one copy
+    of all of them (meta: the launch arguments and the configuration's block sizes), in the
+    dtype of the tensor argument ``operand``. An upper bound of what a compiled kernel allocates
+    (its epilogue reuses the buffers; tests/test_triton_compile.py checks it). Outside CUDA (the
+    interpreter) nothing is pruned; when nothing fits, the smallest configuration is kept.
+    """
+
+    def __init__(self, operand: str, stage_elements):
+        self.operand = operand
+        self.stage_elements = stage_elements
+
+    def shared_bytes(self, config: triton.Config, args: dict, capability: int) -> int:
+        """Bytes of shared memory the pipelined tiles of ``config`` need on sm_``capability``."""
+        copies = config.num_stages if capability >= 90 else config.num_stages - 1
+        elements = self.stage_elements({**args, **config.kwargs})
+        return max(copies, 1) * elements * args[self.operand].element_size()
+
+    def kept(self, configs: list, args: dict, capability: int, limit: int) -> list:
+        """The configurations that fit ``limit`` bytes, or the smallest one."""
+        need = {id(c): self.shared_bytes(c, args, capability) for c in configs}
+        return [c for c in configs if need[id(c)] <= limit] or [min(configs, key=lambda c: need[id(c)])]
+
+    def __call__(self, configs: list, named_args: dict, **kwargs) -> list:
+        args = {**named_args, **kwargs}
+        device = args[self.operand].device
+        if device.type != "cuda":
+            return configs
+        major, minor = torch.cuda.get_device_capability(device)
+        return self.kept(configs, args, 10 * major + minor, _max_shared_memory(device.index))
+
+
+@functools.cache
+def _max_shared_memory(device_index: int) -> int:
+    """Shared memory per block (opt-in maximum) of a CUDA device, as Triton checks at load."""
+    from triton.runtime import driver
+
+    return driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
 @triton.jit

@@ -21,14 +21,15 @@ import triton
 import triton.language as tl
 
 from modekernels.triton_kernels.common import (
+    SharedMemoryPrune,
     accumulate_product,
     dot_options,
     persistent_grid,
     tile_configs,
 )
 
-# Hopper-sized tiles. Configurations that overflow shared memory (wide fp32 tiles) fail to
-# compile and are dropped by the autotuner. Tensor dtypes are part of every Triton autotune key.
+# Hopper-sized tiles. Configurations whose pipelined tiles overflow shared memory (wide fp32
+# tiles) are pruned before compiling. Tensor dtypes are part of every Triton autotune key.
 FORWARD_TILES = [  # output tile BLOCK_M x BLOCK_N, reduction over K by BLOCK_K
     (128, 128, 64, 4, 3),
     (128, 128, 64, 8, 4),
@@ -36,6 +37,7 @@ FORWARD_TILES = [  # output tile BLOCK_M x BLOCK_N, reduction over K by BLOCK_K
     (64, 128, 64, 4, 4),
     (64, 128, 64, 4, 3),
     (128, 64, 64, 4, 4),
+    (128, 128, 32, 8, 3),  # float32: the others spill registers when tl.dot runs ieee (on FMAs)
 ]
 _WEIGHT_GRAD_TILES = [  # output tile BLOCK_K x BLOCK_N, reduction over a group's rows by BLOCK_M
     (64, 128, 128, 4, 3),
@@ -45,6 +47,13 @@ _WEIGHT_GRAD_TILES = [  # output tile BLOCK_K x BLOCK_N, reduction over a group'
     (32, 128, 128, 4, 4),
 ]
 _AUTOTUNE_KEY = ["N", "K", "INPUT_PRECISION"]
+# Shared memory of one pipeline stage: the x and w tiles, or the x^T and dy tiles.
+FORWARD_PRUNE = SharedMemoryPrune(
+    "x_ptr", lambda m: m["BLOCK_K"] * (m["BLOCK_M"] + m["BLOCK_N"])
+)
+_WEIGHT_GRAD_PRUNE = SharedMemoryPrune(
+    "x_ptr", lambda m: m["BLOCK_M"] * (m["BLOCK_K"] + m["BLOCK_N"])
+)
 
 
 @triton.jit
@@ -100,7 +109,11 @@ def _group_output_tile(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.autotune(configs=tile_configs(FORWARD_TILES), key=_AUTOTUNE_KEY)
+@triton.autotune(
+    configs=tile_configs(FORWARD_TILES),
+    key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": FORWARD_PRUNE},
+)
 @triton.jit
 def _grouped_mm_kernel(
     x_ptr,
@@ -170,7 +183,11 @@ def _grouped_mm_kernel(
         w_group_ptr += stride_we
 
 
-@triton.autotune(configs=tile_configs(_WEIGHT_GRAD_TILES), key=_AUTOTUNE_KEY)
+@triton.autotune(
+    configs=tile_configs(_WEIGHT_GRAD_TILES),
+    key=_AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _WEIGHT_GRAD_PRUNE},
+)
 @triton.jit
 def _grouped_mm_weight_grad_kernel(
     x_ptr,

@@ -24,15 +24,18 @@ import triton.language as tl
 
 from modekernels.triton_kernels.common import (
     ACTIVATION_CODES,
+    SharedMemoryPrune,
     accumulate_product,
     activate,
     dot_options,
     persistent_grid,
     tile_configs,
 )
-from modekernels.triton_kernels.grouped_mm import FORWARD_TILES
+from modekernels.triton_kernels.grouped_mm import FORWARD_PRUNE, FORWARD_TILES
 
 _SUM_BLOCK = 256
+# The up kernel's operands are named as the grouped GEMM's; the down kernel's A operand is h.
+_DOWN_PRUNE = SharedMemoryPrune("h_ptr", FORWARD_PRUNE.stage_elements)
 
 
 @triton.jit
@@ -81,7 +84,11 @@ def _up_tile(
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_mask[:, None] & (cols < I)[None, :])
 
 
-@triton.autotune(configs=tile_configs(FORWARD_TILES), key=["N", "K", "GATED", "INPUT_PRECISION"])
+@triton.autotune(
+    configs=tile_configs(FORWARD_TILES),
+    key=["N", "K", "GATED", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": FORWARD_PRUNE},
+)
 @triton.jit
 def _moe_up_kernel(
     x_ptr, perm_ptr, offs_ptr, w_ptr, b_ptr, h_ptr, pre_ptr,
@@ -147,7 +154,11 @@ def _down_tile(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.autotune(configs=tile_configs(FORWARD_TILES), key=["N", "K", "INPUT_PRECISION"])
+@triton.autotune(
+    configs=tile_configs(FORWARD_TILES),
+    key=["N", "K", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": _DOWN_PRUNE},
+)
 @triton.jit
 def _moe_down_kernel(
     h_ptr, perm_ptr, offs_ptr, w_ptr, b_ptr, gate_ptr, out_ptr,

@@ -36,6 +36,7 @@ from modekernels.reference import neutral_residue as reference
 from modekernels.triton_kernels.common import (
     ACTIVATION_CODES,
     INTERPRETING,
+    SharedMemoryPrune,
     accumulate_product,
     activate,
     dot_options,
@@ -43,7 +44,7 @@ from modekernels.triton_kernels.common import (
 )
 
 _GATE_CODES = {"none": 0, "relu": 1, "sigmoid": 2}
-_GATE_COLUMNS = 16  # w_gate padded to the narrowest tl.dot operand
+_GATE_COLUMNS = tl.constexpr(16)  # w_gate padded to the narrowest tl.dot operand
 # Fixed, not tuned: the row list places each row at its own slot of a BLOCK_M tile (so dense and
 # sparse launches compute every row at the same tile position), and kernel 2's column tile
 # sets the number of ℓ1 partials the host allocates.
@@ -52,8 +53,8 @@ _OUT_BLOCK_N = 32 if INTERPRETING else 128
 _BACKWARD_BLOCK_M = 16 if INTERPRETING else 32
 _BACKWARD_BLOCK_N = 32 if INTERPRETING else 128
 
-# Tuned per kernel: (BLOCK_N, BLOCK_K, num_warps, num_stages); configurations that overflow
-# shared memory (wide fp32 tiles) fail to compile and are dropped by the autotuner.
+# Tuned per kernel: (BLOCK_N, BLOCK_K, num_warps, num_stages); configurations whose pipelined
+# tiles overflow shared memory (wide fp32 tiles) are pruned before compiling.
 _PROJECT_TILES = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 4), (128, 64, 4, 3), (64, 32, 4, 4)]
 _OUTPUT_TILES = [
     (_OUT_BLOCK_N, 64, 8, 3),
@@ -61,6 +62,11 @@ _OUTPUT_TILES = [
     (_OUT_BLOCK_N, 64, 4, 4),
     (_OUT_BLOCK_N, 128, 8, 3),
 ]
+# Shared memory of one pipeline stage: the x tile and the W_in (and W_glu) tiles; h and W_out.
+_PROJECT_PRUNE = SharedMemoryPrune(
+    "x_ptr", lambda m: m["BLOCK_K"] * (m["BLOCK_M"] + m["BLOCK_N"] * (2 if m["GLU"] else 1))
+)
+_OUTPUT_PRUNE = SharedMemoryPrune("h_ptr", lambda m: m["BLOCK_K"] * (m["BLOCK_M"] + m["BLOCK_N"]))
 
 
 @triton.jit
@@ -98,7 +104,11 @@ def _row_tile(rows_ptr, count_ptr, m_tile, BLOCK_M: tl.constexpr):
     return pos, valid, rows
 
 
-@triton.autotune(configs=tile_configs(_PROJECT_TILES, names=("BLOCK_N", "BLOCK_K")), key=["D", "DA", "GLU", "INPUT_PRECISION"])
+@triton.autotune(
+    configs=tile_configs(_PROJECT_TILES, names=("BLOCK_N", "BLOCK_K")),
+    key=["D", "DA", "GLU", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": _PROJECT_PRUNE},
+)
 @triton.jit(do_not_specialize=["first_program"])
 def _project_kernel(
     x_ptr, rows_ptr, count_ptr,
@@ -188,7 +198,11 @@ def _project_kernel(
                     )
 
 
-@triton.autotune(configs=tile_configs(_OUTPUT_TILES, names=("BLOCK_N", "BLOCK_K")), key=["D", "DA", "INPUT_PRECISION"])
+@triton.autotune(
+    configs=tile_configs(_OUTPUT_TILES, names=("BLOCK_N", "BLOCK_K")),
+    key=["D", "DA", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": _OUTPUT_PRUNE},
+)
 @triton.jit
 def _output_kernel(
     h_ptr, rows_ptr, count_ptr, g_ptr, w_out_ptr, b_out_ptr, r_ptr, y_ptr, l1_ptr,
