@@ -17,7 +17,6 @@ from transformers.activations import ACT2FN
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
-from transformers.models.muse_spark.modeling_muse_spark import MuseSparkExperts
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
 
 import modekernels
@@ -186,9 +185,12 @@ def _nemotron_experts():  # not gated, relu² (outside the kernels), (E, out, in
 
 
 def _muse_spark_experts():  # post-expert norm
+    muse_spark = pytest.importorskip(
+        "transformers.models.muse_spark.modeling_muse_spark",
+        reason=f"transformers {transformers.__version__} has no muse_spark model family")
     config = SimpleNamespace(num_local_experts=4, moe_hidden_size=16, moe_intermediate_size=12,
                              hidden_act="silu", post_norm_eps=1e-6, _experts_implementation="eager")
-    return MuseSparkExperts(config)
+    return muse_spark.MuseSparkExperts(config)
 
 
 def _gpt_oss_experts():  # own _apply_gate, interleaved halves, transposed, biases
@@ -232,6 +234,9 @@ def test_expert_parallel_sentinels_match_grouped_mm(backend, family):
     """Ids >= num_experts are tokens of other ranks, with zero routing weight: no output, no
     gradient, as transformers' grouped_mm (and batched_mm) give."""
     module = initialised(MODULES[family])
+    # transformers without the flag treats ids >= num_experts as sentinels always, and its
+    # batched_mm then leaks a routing-weight gradient into the sentinel slots.
+    batched_mm_masks_sentinels = hasattr(module, "_is_expert_parallel")
     module._is_expert_parallel = True
     x = torch.randn(8, 16, device=DEVICE)
     idx, weights = routing(8, 4, 2)
@@ -239,6 +244,25 @@ def test_expert_parallel_sentinels_match_grouped_mm(backend, family):
     with torch.no_grad():
         weights[idx >= 4] = 0
     got = run_experts(module, "modekernels", x, idx, weights, backend)
-    assert_same_results(got, run_experts(module, "batched_mm", x, idx, weights))
+    batched = run_experts(module, "batched_mm", x, idx, weights)
+    if not batched_mm_masks_sentinels:
+        batched[2] = batched[2].masked_fill(idx >= 4, 0.0)
+    assert_same_results(got, batched)
     assert_same_results(got, run_experts(module, "grouped_mm", x, idx, weights))
     assert torch.all(got[2][idx >= 4] == 0), "sentinel slots get no routing-weight gradient"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_experts_without_the_flag_take_out_of_range_ids_as_sentinels(backend):
+    """transformers before ``_is_expert_parallel`` marks tokens of other ranks by ids >=
+    num_experts alone: a module without the flag gives what a flagged one gives."""
+    module = initialised(_mixtral_experts)
+    vars(module).pop("_is_expert_parallel", None)
+    x = torch.randn(6, 16, device=DEVICE)
+    idx, weights = routing(6, 4, 2)
+    idx[0, 1], idx[3, 0] = 4, 7
+    with torch.no_grad():
+        weights[idx >= 4] = 0
+    unflagged = run_experts(module, "modekernels", x, idx, weights, backend)
+    module._is_expert_parallel = True
+    assert_same_results(unflagged, run_experts(module, "modekernels", x, idx, weights, backend))

@@ -17,7 +17,8 @@ transformers' own ``grouped_mm`` implementation does:
   slot-order sum in torch.
 - ``_is_expert_parallel``: expert ids ``>= num_experts`` are sentinels of tokens owned by other
   ranks. They sort into one bucket past ``offs[-1]``, where the kernels compute nothing and write
-  zeros, so they add nothing to the output and get no gradient.
+  zeros, so they add nothing to the output and get no gradient. A module without the flag
+  (transformers before it, whose expert parallelism sets sentinels unflagged) is handled so.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def modekernels_experts_forward(
     top_k = top_k_index.shape[-1]
     expert_idx = top_k_index.reshape(-1, top_k)
     gate = top_k_weights.reshape(-1, top_k)
-    if getattr(self, "_is_expert_parallel", False):
+    if getattr(self, "_is_expert_parallel", True):
         perm, offs = sort_by_expert(expert_idx.clamp(max=num_experts), num_experts + 1)
         offs = offs[:num_experts]
     else:
