@@ -17,6 +17,7 @@ importing :mod:`modekernels` imports neither Triton kernels nor the CUDA extensi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
@@ -31,6 +32,7 @@ __all__ = [
     "Dispatch",
     "availability",
     "get_backend",
+    "record_runs",
     "use_backend",
 ]
 
@@ -46,6 +48,7 @@ CUDA_FIRST = ("cuda", "triton", "reference")
 
 _stack: list[str | None] = [None]
 _logged: set[tuple[str, str, str]] = set()
+_recorders: list[dict[str, str]] = []
 
 
 class BackendUnavailable(RuntimeError):
@@ -88,6 +91,18 @@ def requested(argument: str | None = None) -> str | None:
     env = os.environ.get(ENV_VAR) or None
     _check_name(env, f"the environment variable {ENV_VAR}")
     return env
+
+
+@contextlib.contextmanager
+def record_runs():
+    """Collect ``{op: backend}`` for every op implementation that runs inside the block (the
+    backend last used for each op): which backend really ran, e.g. for a report."""
+    runs: dict[str, str] = {}
+    _recorders.append(runs)
+    try:
+        yield runs
+    finally:
+        _recorders.remove(runs)
 
 
 def get_backend() -> str | None:
@@ -223,4 +238,6 @@ class Dispatch:
     def __call__(self, backend: str | None, device: torch.device, *args):
         """Resolve the backend for ``args`` on ``device`` and run its implementation."""
         chosen = self.resolve(backend, device, args)
+        for runs in _recorders:
+            runs[self.op] = chosen
         return self._load(chosen)(*args)

@@ -118,3 +118,13 @@ def test_importing_modekernels_loads_no_kernels():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_record_runs_reports_the_backend_that_ran():
+    x, w = torch.randn(5, 4), torch.randn(2, 4, 3)
+    offs = torch.tensor([2, 5], dtype=torch.int32)
+    with backends.record_runs() as runs:
+        modekernels.grouped_mm(x, w, offs, backend="reference")
+    assert runs == {"grouped_mm": "reference"}
+    modekernels.grouped_mm(x, w, offs)
+    assert runs == {"grouped_mm": "reference"}  # nothing is recorded after the block

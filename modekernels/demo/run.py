@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Optional
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from modekernels import backends
 from modekernels.demo.corpora import ByteTokenizer, Corpus, build_corpus, code_documents, prose_documents
@@ -98,46 +96,15 @@ def available_methods() -> tuple[list[str], dict[str, str]]:
     return runnable, skipped
 
 
-class _OpRecorder(TorchDispatchMode):
-    """Records the ``torch.ops.modekernels`` ops that run under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "modekernels":
-            self.ops.add(func._schema.name.split("::", 1)[1])
-        return func(*args, **(kwargs or {}))
-
-
-def _backend_of(op: str, device: torch.device) -> str:
-    """The backend that runs ``op`` on ``device`` when no shape rules it out."""
-    chosen = backends.get_backend()
-    if chosen is not None:
-        return chosen
-    for name, module in list(sys.modules.items()):
-        if not name.startswith("modekernels.ops."):
-            continue
-        for value in vars(module).values():
-            if isinstance(value, backends.Dispatch) and value.op == op:
-                try:
-                    return value.resolve(None, device)
-                except Exception:  # a backend's shape rule needs the call's arguments
-                    return "automatic"
-    return "automatic"
-
-
 def backends_used(model: torch.nn.Module, ids: torch.Tensor, inputs: Optional[Callable]) -> str:
-    """``op=backend`` for each modekernels op one forward of ``model`` on ``ids`` runs, or
+    """``op=backend`` for each modekernels op that one forward of ``model`` on ``ids`` runs, or
     ``"torch"`` when it runs none (plain PyTorch modules only)."""
-    recorder = _OpRecorder()
     extra = inputs(torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)) if inputs else {}
-    with torch.no_grad(), recorder:
+    with torch.no_grad(), backends.record_runs() as runs:
         model(input_ids=ids, **extra)
-    if not recorder.ops:
+    if not runs:
         return "torch"
-    return ", ".join(f"{op}={_backend_of(op, ids.device)}" for op in sorted(recorder.ops))
+    return ", ".join(f"{op}={backend}" for op, backend in sorted(runs.items()))
 
 
 def _corpora(config: DemoConfig, tokenizer: ByteTokenizer) -> tuple[Corpus, Corpus]:
