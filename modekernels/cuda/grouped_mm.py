@@ -66,9 +66,15 @@ def _hopper_kernels_fit(
     )
 
 
-def _workspace(E: int, dtype: torch.dtype, sm_count: int, device: torch.device) -> torch.Tensor:
-    size = _C.grouped_mm_sm90_workspace_size(E=E, dtype=_DTYPE_CODES[dtype], sm_count=sm_count)
-    return torch.empty(size, dtype=torch.uint8, device=device)
+def _launch(kernel, args: dict, hopper: bool, sm_count: int, device: torch.device) -> None:
+    """Run a grouped GEMM entry point of ``_C``; the sm90 ones also take a workspace (per-group
+    shapes and pointers, written on the device) and the SM count."""
+    if not hopper:
+        kernel(**args)
+        return
+    size = _C.grouped_mm_sm90_workspace_size(E=args["E"], dtype=args["dtype"], sm_count=sm_count)
+    workspace = torch.empty(size, dtype=torch.uint8, device=device)
+    kernel(**args, workspace=workspace.data_ptr(), workspace_bytes=size, sm_count=sm_count)
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -98,16 +104,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
             stream=torch.cuda.current_stream(x.device).cuda_stream,
         )
         strides = (x.stride(0), w.stride(0), _weight_leading_stride(w), N)
-        if _hopper_kernels_fit(sm, x.dtype, (x, w, y), strides):
-            workspace = _workspace(E, x.dtype, sm_count, x.device)
-            _C.grouped_mm_sm90(
-                **args,
-                workspace=workspace.data_ptr(),
-                workspace_bytes=workspace.numel(),
-                sm_count=sm_count,
-            )
-        else:
-            _C.grouped_mm_simt(**args)
+        hopper = _hopper_kernels_fit(sm, x.dtype, (x, w, y), strides)
+        _launch(_C.grouped_mm_sm90 if hopper else _C.grouped_mm_simt, args, hopper, sm_count, x.device)
     return y
 
 
@@ -138,14 +136,7 @@ def grouped_mm_weight_grad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor
             dtype=_DTYPE_CODES[x.dtype],
             stream=torch.cuda.current_stream(x.device).cuda_stream,
         )
-        if _hopper_kernels_fit(sm, x.dtype, (x, dy, dw), (x.stride(0), dy.stride(0), N)):
-            workspace = _workspace(E, x.dtype, sm_count, x.device)
-            _C.grouped_mm_weight_grad_sm90(
-                **args,
-                workspace=workspace.data_ptr(),
-                workspace_bytes=workspace.numel(),
-                sm_count=sm_count,
-            )
-        else:
-            _C.grouped_mm_weight_grad_simt(**args)
+        hopper = _hopper_kernels_fit(sm, x.dtype, (x, dy, dw), (x.stride(0), dy.stride(0), N))
+        kernel = _C.grouped_mm_weight_grad_sm90 if hopper else _C.grouped_mm_weight_grad_simt
+        _launch(kernel, args, hopper, sm_count, x.device)
     return dw
