@@ -18,8 +18,8 @@ from typing import Callable, Optional
 import torch
 
 from modekernels.demo.corpora import ByteTokenizer, Corpus, text_file_corpus
-from modekernels.demo.methods import METHODS, MethodOptions, adapt_with, base_parameter_count
-from modekernels.demo.train import TrainSettings, batches, evaluate, train
+from modekernels.demo.methods import METHODS, MethodOptions, adapt_and_train, base_parameter_count
+from modekernels.demo.train import TrainSettings, evaluate
 
 __all__ = ["AdaptArgs", "load_model", "load_tokenizer", "run_adapt"]
 
@@ -149,16 +149,11 @@ def run_adapt(args: AdaptArgs, *, progress: bool = True, log: Callable[[str], No
         return out
 
     before = losses(model)
-    adapted = adapt_with(args.method, model, options, new.train[:8].to(device))
-    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=adapted.lr)
-    generator = torch.Generator().manual_seed(args.seed)
-    run = train(
-        adapted.model, adapted.parameters, batches(new, original, args.batch_size, args.mix, generator),
-        settings, device=device, desc=f"adapt: {args.method}", extra_loss=adapted.extra_loss,
-        inputs=adapted.inputs, progress=progress,
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=0.0)  # lr: the method's
+    adapted, run = adapt_and_train(
+        args.method, model, options, new, original, settings, args.mix,
+        torch.Generator().manual_seed(args.seed), device=device, progress=progress,
     )
-    if adapted.finish is not None:
-        adapted.finish()
     after = losses(adapted.model, adapted.inputs)
     os.makedirs(args.out, exist_ok=True)
     adapted.save(args.out)
@@ -167,7 +162,7 @@ def run_adapt(args: AdaptArgs, *, progress: bool = True, log: Callable[[str], No
         "added_parameters": adapted.added_parameters,
         "trainable_parameters": sum(p.numel() for p in adapted.parameters),
         "train_tokens_per_s": run.tokens_per_s, "train_seconds": run.seconds,
-        "tokenizer": tokenizer_name, "block_size": block, "settings": asdict(settings),
+        "tokenizer": tokenizer_name, "block_size": block, "settings": asdict(replace(settings, lr=adapted.lr)),
         "args": asdict(args),
     }
     with open(os.path.join(args.out, REPORT_NAME), "w") as file:

@@ -11,13 +11,24 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["DEMO_METHODS", "METHODS", "Adapted", "MethodOptions", "added_parameter_count", "adapt_with"]
+from modekernels.demo.corpora import Corpus
+from modekernels.demo.train import TrainResult, TrainSettings, batches, train
+
+__all__ = [
+    "DEMO_METHODS",
+    "METHODS",
+    "Adapted",
+    "MethodOptions",
+    "adapt_and_train",
+    "adapt_with",
+    "added_parameter_count",
+]
 
 
 @dataclass(frozen=True)
@@ -262,3 +273,31 @@ def adapt_with(method: str, model: nn.Module, options: MethodOptions, sample: to
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     return METHODS[method](model, options, sample)
+
+
+def adapt_and_train(
+    method: str,
+    model: nn.Module,
+    options: MethodOptions,
+    new: Corpus,
+    original: Optional[Corpus],
+    settings: TrainSettings,
+    mix: float,
+    generator: torch.Generator,
+    *,
+    device: torch.device,
+    progress: bool = True,
+) -> tuple[Adapted, TrainResult]:
+    """Apply ``method`` to ``model``, train what it added on batches of ``new`` (a ``mix``
+    fraction of the rows from ``original``) with ``settings`` at the method's learning rate,
+    then finish it (AdaMix merges, for example)."""
+    adapted = adapt_with(method, model, options, new.train[:8].to(device))
+    settings = replace(settings, lr=adapted.lr)
+    run = train(
+        adapted.model, adapted.parameters, batches(new, original, settings.batch_size, mix, generator),
+        settings, device=device, desc=f"adapt: {method}", extra_loss=adapted.extra_loss,
+        inputs=adapted.inputs, progress=progress,
+    )
+    if adapted.finish is not None:
+        adapted.finish()
+    return adapted, run

@@ -18,10 +18,10 @@ import torch
 
 from modekernels import backends
 from modekernels.demo.corpora import ByteTokenizer, Corpus, build_corpus, code_documents, prose_documents
-from modekernels.demo.methods import DEMO_METHODS, MethodOptions, adapt_with, base_parameter_count
+from modekernels.demo.methods import DEMO_METHODS, MethodOptions, adapt_and_train, base_parameter_count
 from modekernels.demo.model import ModelSpec, pretrained_model
 from modekernels.demo.report import MethodResult, format_table, plot, write_json
-from modekernels.demo.train import TrainSettings, batches, evaluate, train
+from modekernels.demo.train import TrainSettings, evaluate
 
 __all__ = ["DEMO_METHODS", "DemoConfig", "available_methods", "demo_config", "run_demo"]
 
@@ -179,16 +179,10 @@ def _run(device, seed, out, steps, quick, methods, progress, log, large) -> list
     results = []
     for method in runnable:
         torch.manual_seed(seed)
-        adapted = adapt_with(method, copy.deepcopy(base), config.methods, new.train[:8].to(device))
-        settings = replace(config.adapt, lr=adapted.lr)
-        generator = torch.Generator().manual_seed(seed + 1)
-        run = train(
-            adapted.model, adapted.parameters, batches(new, original, settings.batch_size, config.mix, generator),
-            settings, device=device, desc=f"adapt: {method}", extra_loss=adapted.extra_loss,
-            inputs=adapted.inputs, progress=progress,
+        adapted, run = adapt_and_train(
+            method, copy.deepcopy(base), config.methods, new, original, config.adapt, config.mix,
+            torch.Generator().manual_seed(seed + 1), device=device, progress=progress,
         )
-        if adapted.finish is not None:
-            adapted.finish()
         original_after, new_after = losses(adapted.model, adapted.inputs)
         results.append(MethodResult(
             method=method, note=adapted.note,
