@@ -63,8 +63,10 @@ def _add_demo(commands) -> None:
 
 
 def _add_adapt(commands) -> None:
+    from modekernels.demo.adapt import AdaptArgs  # its fields hold the defaults
+
     adapt = commands.add_parser(
-        "adapt", help="adapt a local Hugging Face causal LM to a text corpus with one method"
+        "adapt", help="adapt a local Hugging Face causal LM to a text corpus with one method",
     )
     source = adapt.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="local checkpoint directory (save_pretrained layout)")
@@ -76,16 +78,17 @@ def _add_adapt(commands) -> None:
         help="neutral-residues, adamix, mode, moefy, lora, full or adapter",
     )
     adapt.add_argument("--out", required=True, help="directory for the added modules and adapt_report.json")
-    adapt.add_argument("--steps", type=int, default=200)
-    adapt.add_argument("--batch-size", type=int, default=8)
-    adapt.add_argument("--block-size", type=int, default=128, help="tokens per sequence (capped by the model)")
-    adapt.add_argument("--lr", type=float, default=None, help="learning rate (default per method)")
-    adapt.add_argument("--ratio", type=float, default=0.1, help="added parameters / base parameters")
-    adapt.add_argument("--alpha", type=float, default=0.01, help="neutral-residue l1 loss weight")
-    adapt.add_argument("--mix", type=float, default=0.1, help="fraction of original-domain rows per batch")
-    adapt.add_argument("--eval-blocks", type=int, default=32, help="eval blocks per domain")
-    adapt.add_argument("--device", default="cpu")
-    adapt.add_argument("--seed", type=int, default=0)
+    adapt.add_argument("--steps", type=int, default=AdaptArgs.steps, help="training steps (default %(default)s)")
+    adapt.add_argument("--batch-size", type=int, default=AdaptArgs.batch_size, help="sequences per batch (default %(default)s)")
+    adapt.add_argument("--block-size", type=int, default=AdaptArgs.block_size,
+                       help="tokens per sequence (capped by the model) (default %(default)s)")
+    adapt.add_argument("--lr", type=float, default=AdaptArgs.lr, help="learning rate (default: each method's own)")
+    adapt.add_argument("--ratio", type=float, default=AdaptArgs.ratio, help="added parameters / base parameters (default %(default)s)")
+    adapt.add_argument("--alpha", type=float, default=AdaptArgs.alpha, help="neutral-residue l1 loss weight (default %(default)s)")
+    adapt.add_argument("--mix", type=float, default=AdaptArgs.mix, help="fraction of original-domain rows per batch (default %(default)s)")
+    adapt.add_argument("--eval-blocks", type=int, default=AdaptArgs.eval_blocks, help="eval blocks per domain (default %(default)s)")
+    adapt.add_argument("--device", default=AdaptArgs.device, help="cpu or cuda (default %(default)s)")
+    adapt.add_argument("--seed", type=int, default=AdaptArgs.seed, help="random seed (default %(default)s)")
     adapt.set_defaults(run=_adapt)
 
 

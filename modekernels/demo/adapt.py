@@ -42,8 +42,8 @@ class AdaptArgs:
     batch_size: int = 8
     block_size: int = 128
     lr: Optional[float] = None
-    ratio: float = 0.1
-    alpha: float = 0.01
+    ratio: float = MethodOptions.ratio
+    alpha: float = MethodOptions.alpha
     mix: float = 0.1
     eval_blocks: int = 32
     device: str = "cpu"

@@ -41,7 +41,7 @@ class MethodOptions:
     ``lr``: learning rate per method (``default_lr`` for the others)."""
 
     ratio: float = 0.1
-    alpha: float = 0.01
+    alpha: float = 2.0
     adamix_copies: int = 4
     mode_layers: int = 2
     moe_experts: int = 4

@@ -108,7 +108,9 @@ def neutral_residue_loss(model: nn.Module, original_mask: torch.Tensor) -> torch
     original-domain tokens of ‖adapter output‖₁ / d_model.
 
     ``original_mask``: bool (B, T) marking original-domain tokens, or (B,) marking whole
-    sequences. Add ``alpha * neutral_residue_loss(...)`` (α ≈ 0.01) to the language-model loss.
+    sequences. Add ``alpha * neutral_residue_loss(...)`` to the language-model loss: the demo
+    finds α of order 1 to 3 (2 by default) cuts forgetting by two thirds or more against a plain
+    adapter at nearly the same new-domain gain, while α = 0.01 leaves it unchanged.
     Zero (with a gradient path) when the batch holds no original-domain token.
     """
     branches = [m for m in surgery.added_modules(model, METHOD.name).values()]
