@@ -127,8 +127,54 @@ def test_weight_grad_op_zeroes_empty_groups(backend, case):
     dy = torch.randn(case.S, case.N, device=DEVICE)
     offs = case.offs()
     with poisoned_allocations():
-        dw = torch.ops.modekernels.grouped_mm_weight_grad(x, dy, offs, backend)
+        dw = torch.ops.modekernels.grouped_mm_weight_grad(x, dy, offs, backend=backend)
     assert_matches(dw, reference.grouped_mm_weight_grad(x.double(), dy.double(), offs), 70)
+    for e, size in enumerate(case.sizes):
+        if size == 0:
+            assert torch.all(dw[e] == 0)
+
+
+def _gathered_inputs(case: Case, dtype: torch.dtype, gather: str):
+    """Source matrices with a different row count than the S sorted rows, row indices into them
+    (repeats allowed, as top-k routing gives) and a float32 scale per row, as ``gather`` picks."""
+    x_src = torch.randn(case.S + 3, 2 * case.K, device=DEVICE).to(dtype)[:, ::2]  # strided
+    dy_src = torch.randn(max(case.S // 2, 1), case.N, device=DEVICE).to(dtype)
+    kwargs = {}
+    if gather in ("x", "both"):
+        kwargs["x_rows"] = torch.randint(0, x_src.shape[0], (case.S,), device=DEVICE)
+    if gather in ("dy", "dy_scaled", "both"):
+        kwargs["dy_rows"] = torch.randint(0, dy_src.shape[0], (case.S,), device=DEVICE)
+    if gather in ("dy_scaled", "both"):
+        kwargs["dy_scale"] = torch.rand(case.S, device=DEVICE) * 2 - 0.5
+    x = x_src if "x_rows" in kwargs else x_src[: case.S]
+    dy = dy_src if "dy_rows" in kwargs else torch.randn(case.S, case.N, device=DEVICE).to(dtype)
+    return x, dy, kwargs
+
+
+def _explicit_rows(x, dy, x_rows=None, dy_rows=None, dy_scale=None):
+    """The gathered and scaled operands in float64, written out independently of the op."""
+    x, dy = x.double(), dy.double()
+    if x_rows is not None:
+        x = torch.stack([x[i] for i in x_rows.tolist()]) if len(x_rows) else x[:0]
+    if dy_rows is not None:
+        dy = torch.stack([dy[i] for i in dy_rows.tolist()]) if len(dy_rows) else dy[:0]
+    if dy_scale is not None:
+        dy = dy * dy_scale.double()[:, None]
+    return x, dy
+
+
+@pytest.mark.parametrize("gather", ["x", "dy", "dy_scaled", "both"])
+@pytest.mark.parametrize("case", CASES[:5] + CASES[6:8], ids=repr)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_weight_grad_reads_gathered_scaled_rows(backend, dtype, case, gather):
+    x, dy, kwargs = _gathered_inputs(case, dtype, gather)
+    offs = case.offs()
+    with poisoned_allocations():
+        dw = torch.ops.modekernels.grouped_mm_weight_grad(x, dy, offs, **kwargs, backend=backend)
+    expected = reference.grouped_mm_weight_grad(*_explicit_rows(x, dy, **kwargs), offs)
+    # the scaled rows are rounded to dy's dtype before the product: one more rounding
+    assert_matches(dw, expected, max(case.sizes, default=1), scale=2.0 if "dy_scale" in kwargs else 1.0)
     for e, size in enumerate(case.sizes):
         if size == 0:
             assert torch.all(dw[e] == 0)
@@ -178,6 +224,17 @@ def test_opcheck_weight_grad(backend):
     )
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_opcheck_gathered_weight_grad(backend):
+    case = Case("opcheck", 24, 40, [5, 0, 12], tail=3)
+    x, dy, kwargs = _gathered_inputs(case, torch.float32, "both")
+    torch.library.opcheck(
+        torch.ops.modekernels.grouped_mm_weight_grad.default,
+        (x, dy, case.offs()),
+        {**kwargs, "backend": backend},
+    )
+
+
 @pytest.mark.parametrize("backend", backend_params("reference", "triton"))
 def test_compile_fullgraph_equals_eager(backend):
     case, x, w, offs = _opcheck_inputs()
@@ -219,7 +276,7 @@ def test_random_group_splits(backend, sizes, tail, K, N, seed):
     dy = torch.randn(case.S, N, device=DEVICE)
     offs = case.offs()
     y = modekernels.grouped_mm(x, w, offs, backend=backend)
-    dw = torch.ops.modekernels.grouped_mm_weight_grad(x, dy, offs, backend)
+    dw = torch.ops.modekernels.grouped_mm_weight_grad(x, dy, offs, backend=backend)
     assert_matches(y, reference.grouped_mm(x.double(), w.double(), offs), K)
     expected_dw = reference.grouped_mm_weight_grad(x.double(), dy.double(), offs)
     assert_matches(dw, expected_dw, max(sizes))
@@ -331,7 +388,32 @@ def test_bad_input_names_the_argument(backend, args, error, match):
 )
 def test_weight_grad_bad_input_names_the_argument(x, dy, offs, error, match):
     with pytest.raises(error, match=match):
-        torch.ops.modekernels.grouped_mm_weight_grad(x, dy, offs, "reference")
+        torch.ops.modekernels.grouped_mm_weight_grad(x, dy, offs, backend="reference")
+
+
+_ROWS = torch.tensor([0, 3, 3, 1], dtype=torch.int64)
+
+
+@pytest.mark.parametrize(
+    "gather, error, match",
+    [
+        ({"x_rows": _ROWS.int()}, TypeError, "x_rows must have dtype int64"),
+        ({"x_rows": _ROWS[None]}, ValueError, "x_rows must have 1 dimensions"),
+        ({"x_rows": torch.tensor([0, 3, 5, 1])}, ValueError, r"x_rows must lie in \[0, 5\)"),
+        ({"x_rows": torch.tensor([0, -1, 2, 1])}, ValueError, r"x_rows must lie in \[0, 5\)"),
+        ({"x_rows": _ROWS, "dy_rows": _ROWS[:3]}, ValueError, r"dy_rows\.shape\[0\] must be 4"),
+        ({"x_rows": _ROWS, "dy_rows": torch.tensor([0, 1, 2, 7])}, ValueError, r"dy_rows must lie in \[0, 4\)"),
+        ({"x_rows": _ROWS, "dy_rows": _ROWS, "dy_scale": torch.ones(4).double()}, TypeError, "dy_scale must have dtype float32"),
+        ({"x_rows": _ROWS, "dy_rows": _ROWS, "dy_scale": torch.ones(3)}, ValueError, r"dy_scale\.shape\[0\] must be 4"),
+    ],
+    ids=["x_rows_int32", "x_rows_rank", "x_rows_past_x", "x_rows_negative", "dy_rows_length",
+         "dy_rows_past_dy", "dy_scale_dtype", "dy_scale_length"],
+)
+def test_gathered_weight_grad_bad_input_names_the_argument(gather, error, match):
+    x, dy = torch.randn(5, 8), torch.randn(4, 6)
+    offs = torch.tensor([2, 4], dtype=torch.int32)
+    with pytest.raises(error, match=match):
+        torch.ops.modekernels.grouped_mm_weight_grad(x, dy, offs, **gather, backend="reference")
 
 
 def test_unknown_backend_name():

@@ -62,6 +62,12 @@ def _host_calls():
         x, w = t(S, K, dtype=dtype), t(E, K, N, dtype=dtype)
         calls.append((tf32, grouped_mm.grouped_mm, (x, w, t(E, dtype=i32))))
         calls.append((tf32, grouped_mm.grouped_mm_weight_grad, (x, t(S, N, dtype=dtype), t(E, dtype=i32))))
+    # moe_mlp's backward: x[token] (x_rows), gate·dy[token] (dy_rows, dy_scale) read in place
+    rows = t(S, dtype=i64)
+    calls.append((True, grouped_mm.grouped_mm_weight_grad, (t(S // 2, K), t(S, N), t(E, dtype=i32), rows)))
+    calls.append((False, grouped_mm.grouped_mm_weight_grad, (
+        t(S, K, dtype=fp32), t(S // 2, N, dtype=fp32), t(E, dtype=i32), None, rows, t(S, dtype=fp32),
+    )))
     # w as a transposed view (stride 1 along K): the other B-operand layout
     w_t = t(E, N, K).transpose(1, 2)
     calls.append((True, grouped_mm.grouped_mm, (t(S, K), w_t, t(E, dtype=i32))))

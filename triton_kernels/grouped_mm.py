@@ -4,7 +4,8 @@ Forward: one persistent launch walks the E groups plus a "tail" group, the rows
 ``[offs[E-1], S)``, which it stores as zeros; each program takes every ``num_programs``-th output
 tile of the walk, computing each group's tile count from ``offs`` on the device, so the host
 never reads ``offs``. Weight gradient: a grid of E x tiles(K) x tiles(N) programs, each looping
-over its group's rows (an empty group stores zeros).
+over its group's rows (an empty group stores zeros); the rows of x and dy may be read through
+index arrays and dy's scaled per row (``moe_mlp``'s backward: x[token], gate·dy[token]).
 
 Operands are addressed through their strides (``w`` may be a ``.transpose(1, 2)`` view, ``x`` any
 slice), products accumulate in float32, and float32 inputs follow
@@ -183,9 +184,60 @@ def _grouped_mm_kernel(
         w_group_ptr += stride_we
 
 
+@triton.jit
+def _accumulate_row_products(
+    acc,
+    x_ptr,
+    x_rows_ptr,
+    ks,
+    k_mask,
+    stride_xs,
+    stride_xk,
+    dy_ptr,
+    dy_rows_ptr,
+    dy_scale_ptr,
+    ns,
+    n_mask,
+    stride_dys,
+    stride_dyn,
+    row_start,
+    row_end,
+    GATHER_X: tl.constexpr,
+    GATHER_DY: tl.constexpr,
+    SCALE_DY: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    """acc += Σ_r X[r, ks]ᵀ DY[r, ns] over the rows r in [row_start, row_end), BLOCK_M at a time:
+    X[r] = x[x_rows[r]] when GATHER_X (else x[r]), DY[r] = dy[dy_rows[r]] when GATHER_DY, times
+    dy_scale[r] rounded to dy's dtype when SCALE_DY."""
+    for block_start in range(row_start, row_end, BLOCK_M):
+        rows = block_start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        x_src = rows
+        if GATHER_X:
+            x_src = tl.load(x_rows_ptr + rows, mask=row_mask, other=0)
+        dy_src = rows
+        if GATHER_DY:
+            dy_src = tl.load(dy_rows_ptr + rows, mask=row_mask, other=0)
+        a_ptrs = x_ptr + x_src.to(tl.int64)[None, :] * stride_xs + ks.to(tl.int64)[:, None] * stride_xk
+        b_ptrs = dy_ptr + dy_src.to(tl.int64)[:, None] * stride_dys + ns.to(tl.int64)[None, :] * stride_dyn
+        a = tl.load(a_ptrs, mask=k_mask[:, None] & row_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+        if SCALE_DY:
+            scale = tl.load(dy_scale_ptr + rows, mask=row_mask, other=0.0)
+            b = (b.to(tl.float32) * scale[:, None]).to(dy_ptr.dtype.element_ty)
+        if DOT_IN_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
 @triton.autotune(
     configs=tile_configs(_WEIGHT_GRAD_TILES),
-    key=_AUTOTUNE_KEY,
+    key=_AUTOTUNE_KEY + ["GATHER_X", "GATHER_DY", "SCALE_DY"],
     prune_configs_by={"early_config_prune": _WEIGHT_GRAD_PRUNE},
 )
 @triton.jit
@@ -194,6 +246,9 @@ def _grouped_mm_weight_grad_kernel(
     dy_ptr,
     dw_ptr,
     offs_ptr,
+    x_rows_ptr,
+    dy_rows_ptr,
+    dy_scale_ptr,
     N,
     K,
     stride_xs,
@@ -203,13 +258,16 @@ def _grouped_mm_weight_grad_kernel(
     stride_dwe,
     stride_dwk,
     stride_dwn,
+    GATHER_X: tl.constexpr,
+    GATHER_DY: tl.constexpr,
+    SCALE_DY: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
 ):
-    """Program (e, k tile, n tile): dw[e, ks, ns] = x[rows_e, ks]^T @ dy[rows_e, ns], reducing
+    """Program (e, k tile, n tile): dw[e, ks, ns] = X[rows_e, ks]^T @ DY[rows_e, ns], reducing
     over the group's rows BLOCK_M at a time; an empty group stores zeros."""
     group = tl.program_id(0)
     row_start = tl.load(offs_ptr + group - 1, mask=group > 0, other=0)
@@ -219,20 +277,26 @@ def _grouped_mm_weight_grad_kernel(
     k_mask = ks < K
     n_mask = ns < N
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    acc = accumulate_product(
+    acc = _accumulate_row_products(
         acc,
         x_ptr,
+        x_rows_ptr,
         ks,
         k_mask,
-        stride_xk,
         stride_xs,
+        stride_xk,
         dy_ptr,
+        dy_rows_ptr,
+        dy_scale_ptr,
         ns,
         n_mask,
         stride_dys,
         stride_dyn,
         row_start,
         row_end,
+        GATHER_X,
+        GATHER_DY,
+        SCALE_DY,
         BLOCK_M,
         INPUT_PRECISION,
         DOT_IN_FP32,
@@ -263,11 +327,21 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return y
 
 
-def grouped_mm_weight_grad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """dw[e] = x[rows of e]^T @ dy[rows of e], zero for an empty group.
+def grouped_mm_weight_grad(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    offs: torch.Tensor,
+    x_rows: torch.Tensor | None = None,
+    dy_rows: torch.Tensor | None = None,
+    dy_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """dw[e] = X[rows of e]^T @ DY[rows of e], zero for an empty group, where X[r] =
+    x[x_rows[r]] and DY[r] = dy_scale[r]·dy[dy_rows[r]] (rounded to dy's dtype), each the
+    identity when None: the gathered rows are read in place, never copied.
 
-    x (S, K), dy (S, N), offs (E,) int32, validated by the op, any strides -> dw (E, K, N) in
-    x's dtype, accumulated in float32.
+    x (K columns), dy (N columns), the S rows indexed by x_rows / dy_rows (S,) int64, dy_scale
+    (S,) float32, offs (E,) int32, validated by the op, any strides -> dw (E, K, N) in x's
+    dtype, accumulated in float32.
     """
     K = x.shape[1]
     N = dy.shape[1]
@@ -280,6 +354,12 @@ def grouped_mm_weight_grad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor
         return (E, triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(N, meta["BLOCK_N"]))
 
     _grouped_mm_weight_grad_kernel[grid](
-        x, dy, dw, offs, N, K, *x.stride(), *dy.stride(), *dw.stride(), **dot_options(x.dtype)
+        x, dy, dw, offs,
+        offs if x_rows is None else x_rows,  # never read unless GATHER_X, and so on
+        offs if dy_rows is None else dy_rows,
+        offs if dy_scale is None else dy_scale,
+        N, K, *x.stride(), *dy.stride(), *dw.stride(),
+        GATHER_X=x_rows is not None, GATHER_DY=dy_rows is not None, SCALE_DY=dy_scale is not None,
+        **dot_options(x.dtype),
     )
     return dw

@@ -13,7 +13,8 @@ kernel sums over each token's k slots in slot order. No atomics: every run gives
 Both walk the E groups plus the "tail" rows [offs[E-1], S), stored as zeros, with the persistent
 tile schedule and the ``@triton.jit`` tile product of :mod:`modekernels.triton_kernels.grouped_mm`
 (its row-index operand does the gather). The backward is not here: :mod:`modekernels.ops.moe_mlp`
-composes it from the grouped GEMM ops and elementwise torch ops.
+composes it from these kernels, the grouped GEMM ops (whose weight gradient reads rows through
+an index too) and elementwise torch ops.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import functools
 import torch
 
 from modekernels import _C
+from modekernels.reference.grouped_mm import gathered_operands
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _TMA_ALIGNMENT_BYTES = 16
@@ -109,12 +110,22 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return y
 
 
-def grouped_mm_weight_grad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """dw[e] = x[rows of e]^T @ dy[rows of e]; zero for an empty group.
+def grouped_mm_weight_grad(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    offs: torch.Tensor,
+    x_rows: torch.Tensor | None = None,
+    dy_rows: torch.Tensor | None = None,
+    dy_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """dw[e] = X[rows of e]^T @ DY[rows of e]; zero for an empty group.
 
-    x (S, K), dy (S, N), offs (E,) int32 cumulative end rows, all on one CUDA device
-    -> dw (E, K, N) contiguous in x's dtype, accumulated in fp32.
+    X (S, K), DY (S, N): x and dy, gathered through x_rows / dy_rows and DY scaled by dy_scale
+    where given, into copies first (the CUTLASS kernels read contiguous rows); offs (E,) int32
+    cumulative end rows, all on one CUDA device -> dw (E, K, N) contiguous in x's dtype,
+    accumulated in fp32.
     """
+    x, dy = gathered_operands(x, dy, x_rows, dy_rows, dy_scale)
     S, K = x.shape
     N = dy.shape[1]
     E = offs.shape[0]

@@ -15,6 +15,7 @@ from modekernels import backends
 from modekernels._checks import (
     FLOAT_DTYPES,
     check_dim,
+    check_index_range,
     check_offsets,
     check_tensor,
 )
@@ -50,11 +51,29 @@ def _check_forward(x: object, w: object, offs: object) -> None:
     check_dim("offs.shape[0]", offs.shape[0], w.shape[0], "the number of groups E, w.shape[0]")
 
 
-def _check_weight_grad(x: object, dy: object, offs: object) -> None:
+def _check_row_index(name: str, rows: object, device: torch.device) -> None:
+    if rows is not None:
+        check_tensor(name, rows, rank=1, dtypes=(torch.int64,), device=device)
+
+
+def _check_weight_grad(
+    x: object, dy: object, offs: object, x_rows: object, dy_rows: object, dy_scale: object
+) -> int:
+    """Metadata checks; returns S, the number of (gathered) rows."""
     check_tensor("x", x, rank=2, dtypes=FLOAT_DTYPES)
     check_tensor("dy", dy, rank=2, dtypes=(x.dtype,), device=x.device)
-    check_dim("dy.shape[0]", dy.shape[0], x.shape[0], "S, the rows of x")
+    _check_row_index("x_rows", x_rows, x.device)
+    _check_row_index("dy_rows", dy_rows, x.device)
+    rows = x.shape[0] if x_rows is None else x_rows.shape[0]
+    if dy_rows is None:
+        check_dim("dy.shape[0]", dy.shape[0], rows, "S, the rows of x (or the length of x_rows)")
+    else:
+        check_dim("dy_rows.shape[0]", dy_rows.shape[0], rows, "S, the rows of x (or the length of x_rows)")
+    if dy_scale is not None:
+        check_tensor("dy_scale", dy_scale, rank=1, dtypes=(torch.float32,), device=x.device)
+        check_dim("dy_scale.shape[0]", dy_scale.shape[0], rows, "S, one scale per row")
     check_tensor("offs", offs, rank=1, dtypes=(torch.int32,), device=x.device)
+    return rows
 
 
 @torch.library.custom_op("modekernels::grouped_mm", mutates_args=())
@@ -74,16 +93,31 @@ def _(x, w, offs, backend=None):
 
 @torch.library.custom_op("modekernels::grouped_mm_weight_grad", mutates_args=())
 def grouped_mm_weight_grad_op(
-    x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor, backend: Optional[str] = None
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    offs: torch.Tensor,
+    x_rows: Optional[torch.Tensor] = None,
+    dy_rows: Optional[torch.Tensor] = None,
+    dy_scale: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
-    _check_weight_grad(x, dy, offs)
-    check_offsets("offs", offs, x.shape[0], "the number of rows S")
-    return _weight_grad(backend, x.device, x, dy, offs)
+    """dw[e] = X[rows of e]ᵀ·DY[rows of e] over the S rows grouped by offs (E,) int32, with
+    X[r] = x[x_rows[r]] and DY[r] = dy_scale[r]·dy[dy_rows[r]] rounded to dy's dtype; each of
+    x_rows, dy_rows (S,) int64 and dy_scale (S,) float32 is the identity when None. The triton
+    backend reads the gathered rows in place; reference and cuda gather copies first. The
+    backward of ``grouped_mm`` and of ``moe_mlp`` (whose sorted rows index tokens) call it."""
+    rows = _check_weight_grad(x, dy, offs, x_rows, dy_rows, dy_scale)
+    check_offsets("offs", offs, rows, "the number of rows S")
+    if x_rows is not None:
+        check_index_range("x_rows", x_rows, x.shape[0], "rows of x")
+    if dy_rows is not None:
+        check_index_range("dy_rows", dy_rows, dy.shape[0], "rows of dy")
+    return _weight_grad(backend, x.device, x, dy, offs, x_rows, dy_rows, dy_scale)
 
 
 @grouped_mm_weight_grad_op.register_fake
-def _(x, dy, offs, backend=None):
-    _check_weight_grad(x, dy, offs)
+def _(x, dy, offs, x_rows=None, dy_rows=None, dy_scale=None, backend=None):
+    _check_weight_grad(x, dy, offs, x_rows, dy_rows, dy_scale)
     return x.new_empty(offs.shape[0], x.shape[1], dy.shape[1])
 
 
@@ -99,7 +133,7 @@ def _backward(ctx, dy):
     if ctx.needs_input_grad[0]:
         dx = grouped_mm_op(dy, w.transpose(1, 2), offs, ctx.backend)
     if ctx.needs_input_grad[1]:
-        dw = grouped_mm_weight_grad_op(x, dy, offs, ctx.backend)
+        dw = grouped_mm_weight_grad_op(x, dy, offs, backend=ctx.backend)
     return dx, dw, None, None
 
 

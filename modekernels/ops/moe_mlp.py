@@ -4,8 +4,10 @@ Registered as ``torch.ops.modekernels.moe_mlp_up`` (the gathered first grouped G
 activation or GLU in its epilogue) and ``torch.ops.modekernels.moe_mlp_down`` (the second grouped
 GEMM with bias, gate scaling and the fixed-order sum over k back to token order), each with a fake
 kernel and an autograd formula. The backward of both is composed, for every backend, of
-``modekernels.grouped_mm`` / ``grouped_mm_weight_grad`` calls and elementwise torch ops; it is
-deterministic (no scatter-add).
+``moe_mlp_up`` (as the gathered GEMM dy[token]·w2ᵀ), ``grouped_mm`` and
+``grouped_mm_weight_grad`` calls (the latter reading x[token] and gate·dy[token] through the
+token index of each sorted row) and elementwise torch ops; it is deterministic (no
+scatter-add). On the triton backend no gathered (S, H) copy of x or dy is made.
 
 Slots: token t's j-th expert choice is slot t·k + j of the S = T·k slots. ``perm`` (S,) int64
 lists the slots sorted by expert, ``offs`` (E,) int32 the experts' cumulative ends in that order.
@@ -160,10 +162,27 @@ def slot_order_sum(
     return summed.to(rows.dtype)
 
 
-def _group_sums(rows: torch.Tensor, offs: torch.Tensor, backend: str | None) -> torch.Tensor:
-    """Σ of each expert's sorted rows (E, N), as the grouped 1ᵀ·rows (deterministic)."""
-    ones = rows.new_ones(rows.shape[0], 1)
-    return grouped_mm_weight_grad_op(ones, rows, offs, backend)[:, 0]
+def _group_sums(
+    rows: torch.Tensor,
+    offs: torch.Tensor,
+    backend: str | None,
+    dy_rows: torch.Tensor | None = None,
+    dy_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Σ of each expert's sorted rows R (E, N), as the grouped 1ᵀ·R (deterministic), with
+    R[r] = dy_scale[r]·rows[dy_rows[r]] read in place where the index and scale are given."""
+    ones = rows.new_ones(rows.shape[0] if dy_rows is None else dy_rows.shape[0], 1)
+    return grouped_mm_weight_grad_op(
+        ones, rows, offs, dy_rows=dy_rows, dy_scale=dy_scale, backend=backend
+    )[:, 0]
+
+
+def _gathered_product(
+    rows_of: torch.Tensor, perm: torch.Tensor, offs: torch.Tensor, w: torch.Tensor, top_k: int, backend
+) -> torch.Tensor:
+    """rows_of[perm[r] // top_k] @ w[e] for the sorted rows r of expert e (S, N), the rows read
+    through perm in place: ``moe_mlp_up``'s gathered GEMM with no bias or activation."""
+    return _moe_mlp_up_op(rows_of, perm, offs, w, None, "identity", False, top_k, False, backend)[0]
 
 
 def _up_setup_context(ctx, inputs, output):
@@ -191,7 +210,7 @@ def _up_backward(ctx, dh, _dpre):
         dx_sorted = grouped_mm_op(dpre, w1.transpose(1, 2), offs, ctx.backend)
         dx = slot_order_sum(dx_sorted, perm, x.shape[0], ctx.top_k)
     if ctx.needs_input_grad[3]:
-        dw1 = grouped_mm_weight_grad_op(x[perm // ctx.top_k], dpre, offs, ctx.backend)
+        dw1 = grouped_mm_weight_grad_op(x, dpre, offs, x_rows=perm // ctx.top_k, backend=ctx.backend)
     if ctx.has_b1 and ctx.needs_input_grad[4]:
         db1 = _group_sums(dpre, offs, ctx.backend)
     return dx, None, None, dw1, db1, None, None, None, None, None
@@ -206,27 +225,27 @@ def _down_setup_context(ctx, inputs, output):
 def _down_backward(ctx, dy):
     h, perm, offs, w2, b2, gate = ctx.saved_tensors
     top_k = gate.shape[1]
-    dy_rows = dy.to(h.dtype)[perm // top_k]  # (S, H): each sorted row's token gradient
-    sorted_gate = gate.reshape(-1)[perm].float()[:, None]
+    dy = dy.to(h.dtype)
+    tokens = perm // top_k  # (S,): the token of each sorted row, whose gradient row it reads
+    sorted_gate = gate.reshape(-1)[perm].float()
     dh = dw2 = db2 = dgate = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[5]:
-        dh_unscaled = grouped_mm_op(dy_rows, w2.transpose(1, 2), offs, ctx.backend)
+        dh_unscaled = _gathered_product(dy, perm, offs, w2.transpose(1, 2), top_k, ctx.backend)
         if ctx.needs_input_grad[0]:
-            dh = (dh_unscaled.float() * sorted_gate).to(h.dtype)
+            dh = (dh_unscaled.float() * sorted_gate[:, None]).to(h.dtype)
         if ctx.needs_input_grad[5]:
             # d gate = <dy_t, h·w2 + b2> = <dy_t·w2ᵀ, h> + <dy_t, b2>; rows past offs[-1] give 0.
             dgate_sorted = (dh_unscaled.float() * h.float()).sum(1)
             if b2 is not None:
-                bias_term = grouped_mm_op(dy_rows, b2[:, :, None], offs, ctx.backend)
+                bias_term = _gathered_product(dy, perm, offs, b2[:, :, None], top_k, ctx.backend)
                 dgate_sorted += bias_term[:, 0].float()
             dgate = dgate_sorted[torch.argsort(perm)].view_as(gate).to(gate.dtype)
-    dout = None
-    if ctx.needs_input_grad[3] or (b2 is not None and ctx.needs_input_grad[4]):
-        dout = (dy_rows.float() * sorted_gate).to(h.dtype)  # d of each row's unscaled output
+    # d of each sorted row's unscaled output: gate·dy[token], read through the index in place
+    dout = {"dy_rows": tokens, "dy_scale": sorted_gate}
     if ctx.needs_input_grad[3]:
-        dw2 = grouped_mm_weight_grad_op(h, dout, offs, ctx.backend)
+        dw2 = grouped_mm_weight_grad_op(h, dy, offs, backend=ctx.backend, **dout)
     if b2 is not None and ctx.needs_input_grad[4]:
-        db2 = _group_sums(dout, offs, ctx.backend)
+        db2 = _group_sums(dy, offs, ctx.backend, **dout)
     return dh, None, None, dw2, db2, dgate, None
 
 

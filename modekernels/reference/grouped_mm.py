@@ -27,11 +27,40 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     return y
 
 
-def grouped_mm_weight_grad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """dw[e] = x[rows of e]^T @ dy[rows of e]; zero for an empty group.
+def gathered_operands(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    x_rows: torch.Tensor | None,
+    dy_rows: torch.Tensor | None,
+    dy_scale: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row operands of :func:`grouped_mm_weight_grad` made explicit (copies where gathered):
+    X[r] = x[x_rows[r]] and DY[r] = dy_scale[r]·dy[dy_rows[r]] rounded to dy's dtype, each index
+    or scale the identity when None."""
+    if x_rows is not None:
+        x = x[x_rows]
+    if dy_rows is not None:
+        dy = dy[dy_rows]
+    if dy_scale is not None:
+        dy = (dy.to(accumulation_dtype(dy.dtype)) * dy_scale[:, None]).to(dy.dtype)
+    return x, dy
 
-    x (S, K), dy (S, N), offs (E,) -> dw (E, K, N) in x's dtype.
+
+def grouped_mm_weight_grad(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    offs: torch.Tensor,
+    x_rows: torch.Tensor | None = None,
+    dy_rows: torch.Tensor | None = None,
+    dy_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """dw[e] = X[rows of e]^T @ DY[rows of e]; zero for an empty group.
+
+    X, DY (S, K), (S, N): x and dy, or their rows gathered through x_rows / dy_rows (S,) and
+    DY scaled by dy_scale (S,) (:func:`gathered_operands`); offs (E,) -> dw (E, K, N) in x's
+    dtype.
     """
+    x, dy = gathered_operands(x, dy, x_rows, dy_rows, dy_scale)
     acc = accumulation_dtype(x.dtype)
     dw = x.new_zeros(offs.shape[0], x.shape[1], dy.shape[1])
     for e, (start, end) in enumerate(group_bounds(offs)):
