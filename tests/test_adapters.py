@@ -63,7 +63,7 @@ def test_draws_are_uniform_and_independent():
     torch.manual_seed(1234)
     m, n = 4, 4000
     mixture = AdapterMixture(8, 2, m)
-    draws = torch.tensor([mixture.sample_copies() for _ in range(n)])
+    draws = torch.stack([mixture.sample_copies() for _ in range(n)])
     for column in (0, 1):
         counts = torch.bincount(draws[:, column], minlength=m).double()
         chi2 = ((counts - n / m) ** 2 / (n / m)).sum().item()
@@ -136,3 +136,32 @@ def test_adapter_compiles_fullgraph():
     x = torch.randn(7, 16, device=DEVICE)
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(adapter, fullgraph=True)(x), adapter(x))
+
+
+def _drawn_copy(grad: torch.Tensor) -> int:
+    """The one copy of a stacked parameter whose gradient is not all zero."""
+    touched = [copy for copy in range(grad.shape[0]) if bool(grad[copy].any())]
+    assert len(touched) == 1, touched
+    return touched[0]
+
+
+def test_mixture_trains_under_compile_fullgraph():
+    """The training forward (random copies included) compiles into one graph; each call runs
+    the drawn copies only, and the draws change from call to call."""
+    mixture = _randomise(AdapterMixture(16, 4, 3, activation="gelu")).to(DEVICE).train()
+    x = torch.randn(2, 5, 16, device=DEVICE)
+    torch._dynamo.reset()
+    compiled = torch.compile(mixture, fullgraph=True)
+    pairs = set()
+    for _ in range(12):
+        mixture.zero_grad()
+        y = compiled(x)
+        y.square().sum().backward()
+        i, j = _drawn_copy(mixture.w_in.grad), _drawn_copy(mixture.w_out.grad)
+        assert (_drawn_copy(mixture.b_in.grad), _drawn_copy(mixture.b_out.grad)) == (i, j)
+        expected = _bottleneck(
+            x, mixture.w_in[i], mixture.b_in[i], mixture.w_out[j], mixture.b_out[j], "gelu"
+        )
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+        pairs.add((i, j))
+    assert len(pairs) > 1, "the compiled forward draws new copies on every call"

@@ -57,7 +57,7 @@ class AdapterMixture(nn.Module):
     Parameters stack the copies: w_in (M, d_adapter, d_model), b_in (M, d_adapter), w_out
     (M, d_model, d_adapter), b_out (M, d_model); each copy initialised as an :class:`Adapter`.
     In training each forward draws one down-projection copy i and one up-projection copy j,
-    uniformly and independently, for the whole batch (from torch's global CPU generator, see
+    uniformly and independently, for the whole batch (on the device, see
     :meth:`sample_copies`), and runs the adapter (w_in[i], b_in[i], w_out[j], b_out[j]); the
     copies not drawn get exactly zero gradient. In eval it runs the averaged weights
     (Ā = Σ_i A_i / M, likewise B̄ and the biases), which :meth:`merge` returns as an
@@ -74,11 +74,12 @@ class AdapterMixture(nn.Module):
         self.w_out = nn.Parameter(torch.zeros(num_adapters, d_model, d_adapter))
         self.b_out = nn.Parameter(torch.zeros(num_adapters, d_model))
 
-    def sample_copies(self) -> tuple[int, int]:
-        """(down-projection copy, up-projection copy), each uniform over the copies, drawn on
-        the host from torch's global CPU generator (seed it with ``torch.manual_seed``)."""
-        i, j = torch.randint(self.num_adapters, (2,)).tolist()
-        return i, j
+    def sample_copies(self) -> torch.Tensor:
+        """(2,) int64 on the parameters' device: the down-projection copy and the up-projection
+        copy, each uniform over the copies, from that device's default generator (seeded by
+        ``torch.manual_seed``). A device tensor, so the training forward needs no host read and
+        compiles into one graph (where the draw comes from the compiled graph's generator)."""
+        return torch.randint(self.num_adapters, (2,), device=self.w_in.device)
 
     def averaged(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Ā, b̄_in, B̄, b̄_out): each stacked parameter summed over the copies, divided by M."""
@@ -87,8 +88,11 @@ class AdapterMixture(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.training:
-            i, j = self.sample_copies()
-            weights = (self.w_in[i], self.b_in[i], self.w_out[j], self.b_out[j])
+            down, up = self.sample_copies().split(1)
+            weights = tuple(
+                p.index_select(0, copy)[0]
+                for p, copy in ((self.w_in, down), (self.b_in, down), (self.w_out, up), (self.b_out, up))
+            )
         else:
             weights = self.averaged()
         return _adapter(x, *weights, self.activation, residual)
