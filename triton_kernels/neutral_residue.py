@@ -131,27 +131,23 @@ def _project_kernel(
     n_tile = tl.program_id(1) + first_program
     pos, valid, rows = _row_tile(rows_ptr, count_ptr, m_tile, BLOCK_M)
     if tl.max(valid.to(tl.int32), axis=0) > 0:
-        ks = tl.arange(0, BLOCK_K)
-        x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xt + ks[None, :] * stride_xd
         if n_tile == 0:
+            # w_gate (D,) as a (D, 16) operand whose columns past the first read as zero
             gcols = tl.arange(0, _GATE_COLUMNS)
-            wg_ptrs = w_gate_ptr + ks[:, None] * stride_wg + gcols[None, :] * 0
             acc_g = tl.zeros((BLOCK_M, _GATE_COLUMNS), dtype=tl.float32)
-            for k0 in range(0, D, BLOCK_K):
-                k_mask = (k0 + ks) < D
-                xt = tl.load(x_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
-                wg = tl.load(wg_ptrs, mask=k_mask[:, None] & (gcols == 0)[None, :], other=0.0)
-                if DOT_IN_FP32:
-                    xt = xt.to(tl.float32)
-                    wg = wg.to(tl.float32)
-                acc_g = tl.dot(xt, wg, acc_g, input_precision=INPUT_PRECISION)
-                x_ptrs += BLOCK_K * stride_xd
-                wg_ptrs += BLOCK_K * stride_wg
+            acc_g = accumulate_product(
+                acc_g, x_ptr, rows, valid, stride_xt, stride_xd,
+                w_gate_ptr, gcols, gcols == 0, stride_wg, 0,
+                0, D, BLOCK_K, INPUT_PRECISION, DOT_IN_FP32,
+            )
             z = tl.sum(tl.where(gcols[None, :] == 0, acc_g, 0.0), axis=1)
             if HAS_B_GATE:
                 z += tl.load(b_gate_ptr).to(tl.float32)
             tl.store(g_ptr + rows, _apply_gate(z, GATE), mask=valid)
         else:
+            # one load of each x tile feeds both products, so not accumulate_product's loop
+            ks = tl.arange(0, BLOCK_K)
+            x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xt + ks[None, :] * stride_xd
             cols = (n_tile - 1) * BLOCK_N + tl.arange(0, BLOCK_N)
             c_mask = cols < DA
             wi_ptrs = w_in_ptr + ks[:, None] * stride_wi_d + cols.to(tl.int64)[None, :] * stride_wi_a
