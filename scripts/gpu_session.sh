@@ -25,11 +25,12 @@ python3 -m modekernels info | tee "$RESULTS/info.txt"
 
 case "$stage" in
 tests)
-    python3 -m pytest tests -q -x "$@" 2>&1 | tee "$RESULTS/tests.log"
+    # untuned kernels: each odd test shape would otherwise be a new autotune key (bench tunes)
+    MODEKERNELS_AUTOTUNE=0 python3 -m pytest tests -q -x --durations=15 "$@" 2>&1 | tee "$RESULTS/tests.log"
     ;;
 sanitize)
     for tool in memcheck racecheck; do
-        compute-sanitizer --tool "$tool" --error-exitcode 1 python3 -m pytest -q -x \
+        MODEKERNELS_AUTOTUNE=0 compute-sanitizer --tool "$tool" --error-exitcode 1 python3 -m pytest -q -x \
             tests/test_grouped_mm.py tests/test_routing.py tests/test_moe_mlp.py \
             tests/test_neutral_residue.py -k "cuda and not compile and not opcheck" "$@" \
             2>&1 | tail -40 | tee "$RESULTS/sanitize-$tool.log"

@@ -333,7 +333,7 @@ def _worker() -> None:
 @pytest.fixture(scope="module")
 def worker_output():
     """(the ``*_kernel`` names of the modules, one dict per compilation) from the subprocess."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MODEKERNELS_AUTOTUNE")}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default; silences its warning
     start = time.perf_counter()
     proc = subprocess.run(
@@ -383,7 +383,8 @@ def test_every_kernel_and_branch_is_compiled(worker_output, results):
         if key in ("ACTIVATION",):
             assert len(values) >= 3, (kernel, key, values)
         elif key in ("GATED", "GLU", "HAS_BIAS", "KEEP_PRE", "HAS_B_IN", "HAS_B_GLU", "HAS_B_GATE",
-                     "HAS_B_OUT", "HAS_RESIDUAL", "ROUTING", "INPUT_PRECISION"):
+                     "HAS_B_OUT", "HAS_RESIDUAL", "ROUTING", "INPUT_PRECISION", "GATHER_X",
+                     "GATHER_DY", "SCALE_DY"):
             assert values == {"True", "False"} or values == {"ieee", "tf32"}, (kernel, key, values)
         elif key == "GATE":
             assert values >= {"1", "2"}, (kernel, key, values)
@@ -402,6 +403,24 @@ def test_report_and_no_spills_outside_the_gemms(results):
         if r["estimate"] is None and r.get("stack", 0) > 0:
             spilling.append(f"{r['kernel']} v{r['variant']} sm_{r['capability']}: {r['stack']} bytes")
     assert not spilling, spilling
+
+
+@pytest.mark.parametrize("autotune", ["1", "0"])
+def test_autotune_switch(autotune):
+    """MODEKERNELS_AUTOTUNE=0 leaves each kernel its first configuration (outside the
+    interpreter, which always runs one small configuration)."""
+    code = (
+        "from modekernels.triton_kernels.common import tile_configs\n"
+        "from modekernels.triton_kernels.grouped_mm import FORWARD_TILES\n"
+        "configs = tile_configs(FORWARD_TILES)\n"
+        "assert configs[0].kwargs == dict(zip(('BLOCK_M', 'BLOCK_N', 'BLOCK_K'), FORWARD_TILES[0][:3]))\n"
+        "print(len(configs), len(FORWARD_TILES))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0", "MODEKERNELS_AUTOTUNE": autotune}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    kept, tiles = map(int, out.stdout.split()[-2:])
+    assert kept == (tiles if autotune == "1" else 1) and tiles > 1
 
 
 if __name__ == "__main__":

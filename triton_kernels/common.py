@@ -6,6 +6,7 @@ the activations.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -17,6 +18,10 @@ INTERPRETING = triton_interpreting()
 # Programs of the persistent forward under the interpreter: several, so that the tile walk's
 # stride is exercised, yet few, because each program runs in turn on the host.
 INTERPRETER_PROGRAMS = 4
+# MODEKERNELS_AUTOTUNE=0: every kernel runs its first configuration, untuned. The GPU test run
+# sets it (tests check results at many odd shapes, each of which would be a new autotune key);
+# the benchmarks tune, and check each result before timing it.
+AUTOTUNE = os.environ.get("MODEKERNELS_AUTOTUNE", "1") != "0"
 
 
 def tile_configs(
@@ -24,9 +29,12 @@ def tile_configs(
 ) -> list[triton.Config]:
     """Autotune configurations: each tile gives the block sizes ``names`` then num_warps and
     num_stages. When interpreting, one small configuration (blocks of 32, 4 warps, 1 stage),
-    since autotuning there would only cost time."""
+    since autotuning there would only cost time; with ``MODEKERNELS_AUTOTUNE=0``, the first
+    tile alone."""
     if INTERPRETING:
         tiles = [(*([32] * len(names)), 4, 1)]
+    elif not AUTOTUNE:
+        tiles = tiles[:1]
     return [
         triton.Config(dict(zip(names, tile[:-2])), num_warps=tile[-2], num_stages=tile[-1])
         for tile in tiles
