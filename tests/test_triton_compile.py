@@ -35,7 +35,7 @@ pytest.importorskip("triton")
 HOPPER_SHARED_MEMORY = 232448  # bytes per block, opt-in maximum of sm_90 (227 KB)
 AMPERE_SHARED_MEMORY = 166912  # sm_80 (163 KB)
 TARGETS = {90: HOPPER_SHARED_MEMORY, 80: AMPERE_SHARED_MEMORY}
-KERNEL_MODULES = ("grouped_mm", "moe_mlp", "routing", "neutral_residue")
+KERNEL_MODULES = ("grouped_mm", "moe_mlp", "routing", "neutral_residue", "glu_backward")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,6 +97,15 @@ def _host_calls():
             t(T * top_k, inner, dtype=dtype), t(T * top_k, dtype=i64), t(E, dtype=i32),
             t(E, inner, H, dtype=dtype), t(E, H, dtype=dtype) if bias else None,
             t(T, top_k, dtype=gate_dtype),
+        )))
+    # the backward's row kernels: d pre through the activation / GLU, and dh = gate·dh + Σ dh·h
+    for dtype, activation, gated in [(bf16, "silu", True), (fp32, "gelu", False), (fp16, "relu", True)]:
+        n1 = 2 * inner if gated else inner
+        calls.append((True, moe_mlp.activation_backward, (
+            t(T, inner, dtype=dtype), t(T, n1, dtype=dtype), activation, gated,
+        )))
+        calls.append((True, moe_mlp.gate_backward, (
+            t(T, inner, dtype=dtype), t(T, inner, dtype=dtype), t(T, dtype=fp32),
         )))
 
     # routing: narrow (E=8, 8 tiles per program), medium, and wide (1024 experts) blockings
@@ -384,7 +393,7 @@ def test_every_kernel_and_branch_is_compiled(worker_output, results):
             assert len(values) >= 3, (kernel, key, values)
         elif key in ("GATED", "GLU", "HAS_BIAS", "KEEP_PRE", "HAS_B_IN", "HAS_B_GLU", "HAS_B_GATE",
                      "HAS_B_OUT", "HAS_RESIDUAL", "ROUTING", "INPUT_PRECISION", "GATHER_X",
-                     "GATHER_DY", "SCALE_DY"):
+                     "GATHER_DY", "SCALE_DY", "ROW_SCALE", "STORE_GH"):
             assert values == {"True", "False"} or values == {"ieee", "tf32"}, (kernel, key, values)
         elif key == "GATE":
             assert values >= {"1", "2"}, (kernel, key, values)

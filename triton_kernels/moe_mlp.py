@@ -12,9 +12,10 @@ kernel sums over each token's k slots in slot order. No atomics: every run gives
 
 Both walk the E groups plus the "tail" rows [offs[E-1], S), stored as zeros, with the persistent
 tile schedule and the ``@triton.jit`` tile product of :mod:`modekernels.triton_kernels.grouped_mm`
-(its row-index operand does the gather). The backward is not here: :mod:`modekernels.ops.moe_mlp`
-composes it from these kernels, the grouped GEMM ops (whose weight gradient reads rows through
-an index too) and elementwise torch ops.
+(its row-index operand does the gather). :mod:`modekernels.ops.moe_mlp` composes the backward
+from these kernels, the grouped GEMM ops (whose weight gradient reads rows through an index too)
+and two one-pass row kernels here: ``activation_backward`` (d pre through the activation or
+GLU) and ``gate_backward`` (dh = gate·dh_unscaled and the gate's row sums).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import triton.language as tl
 
 from modekernels.triton_kernels.common import (
     ACTIVATION_CODES,
+    INTERPRETING,
     SharedMemoryPrune,
     accumulate_product,
     activate,
@@ -32,9 +34,13 @@ from modekernels.triton_kernels.common import (
     persistent_grid,
     tile_configs,
 )
+from modekernels.triton_kernels.glu_backward import glu_backward
 from modekernels.triton_kernels.grouped_mm import FORWARD_PRUNE, FORWARD_TILES
 
 _SUM_BLOCK = 256
+# Row kernels of the backward: BLOCK_M rows per program, BLOCK_N columns at a time.
+_ROWS_BLOCK_M = 16 if INTERPRETING else 32
+_ROWS_BLOCK_N = 32 if INTERPRETING else 128
 # The up kernel's operands are named as the grouped GEMM's; the down kernel's A operand is h.
 _DOWN_PRUNE = SharedMemoryPrune("h_ptr", FORWARD_PRUNE.stage_elements)
 
@@ -267,3 +273,54 @@ def moe_mlp_down(
             out, y, N, top_k, *y.stride(), BLOCK=_SUM_BLOCK
         )
     return y
+
+
+def activation_backward(
+    dh: torch.Tensor, pre: torch.Tensor, activation: str, gated: bool
+) -> torch.Tensor:
+    """d pre (S, N1) in pre's dtype from dh (S, I) and the kept pre (S, N1), in one pass
+    (:func:`modekernels.triton_kernels.glu_backward.glu_backward` without a row gate)."""
+    return glu_backward(pre, dh, activation, gated)[1]
+
+
+@triton.jit
+def _gate_backward_kernel(
+    a_ptr, h_ptr, scale_ptr, dh_ptr, dot_ptr, S, I,
+    stride_as, stride_ai, stride_hs, stride_hi, stride_ds, stride_di,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Rows m·BLOCK_M..: dh = scale·a rounded to dh's dtype, dot = Σ_c a·h in float32; each row
+    owned by one program (deterministic)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_mask = rows < S
+    r64 = rows.to(tl.int64)[:, None]
+    scale = tl.load(scale_ptr + rows, mask=r_mask, other=0.0)
+    dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for c0 in range(0, I, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        mask = r_mask[:, None] & (cols < I)[None, :]
+        a = tl.load(a_ptr + r64 * stride_as + cols[None, :] * stride_ai, mask=mask, other=0.0)
+        a = a.to(tl.float32)
+        h = tl.load(h_ptr + r64 * stride_hs + cols[None, :] * stride_hi, mask=mask, other=0.0)
+        dot += tl.sum(a * h.to(tl.float32), axis=1)
+        dh = (scale[:, None] * a).to(dh_ptr.dtype.element_ty)
+        tl.store(dh_ptr + r64 * stride_ds + cols[None, :] * stride_di, dh, mask=mask)
+    tl.store(dot_ptr + rows, dot, mask=r_mask)
+
+
+def gate_backward(
+    dh_unscaled: torch.Tensor, h: torch.Tensor, sorted_gate: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dh = gate·dh_unscaled in h's dtype, Σ_c dh_unscaled·h (S,) float32) per sorted row, in
+    one pass; inputs validated by the op, any strides."""
+    S, I = h.shape
+    dh = torch.empty_like(h)
+    dot = torch.empty(S, dtype=torch.float32, device=h.device)
+    if S == 0:
+        return dh, dot
+    _gate_backward_kernel[(triton.cdiv(S, _ROWS_BLOCK_M),)](
+        dh_unscaled, h, sorted_gate, dh, dot, S, I,
+        *dh_unscaled.stride(), *h.stride(), *dh.stride(),
+        BLOCK_M=_ROWS_BLOCK_M, BLOCK_N=_ROWS_BLOCK_N,
+    )
+    return dh, dot

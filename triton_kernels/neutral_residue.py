@@ -19,8 +19,9 @@ same compiled kernels with the same tiles, so each computed row is bit-identical
 
 Backward: torch GEMMs (cuBLAS, already optimal for these shapes) composed by
 :func:`modekernels.reference.neutral_residue.neutral_residue_backward`, around one fused Triton
-kernel, ``_glu_backward_kernel``, which recomputes h from pre and produces g·h, du, dv and the
-gate's dz (its row dot product owned by one program: deterministic) in one pass.
+kernel of :mod:`modekernels.triton_kernels.glu_backward`, which recomputes h from pre and
+produces g·h, du, dv and the gate's dz (its row dot product owned by one program:
+deterministic) in one pass.
 
 Under the Triton interpreter one small tile configuration runs and half-precision tiles are
 widened to float32 before ``tl.dot`` (triton-lang/triton#11584).
@@ -42,16 +43,14 @@ from modekernels.triton_kernels.common import (
     dot_options,
     tile_configs,
 )
+from modekernels.triton_kernels.glu_backward import GATE_CODES, glu_backward
 
-_GATE_CODES = {"none": 0, "relu": 1, "sigmoid": 2}
 _GATE_COLUMNS = tl.constexpr(16)  # w_gate padded to the narrowest tl.dot operand
 # Fixed, not tuned: the row list places each row at its own slot of a BLOCK_M tile (so dense and
 # sparse launches compute every row at the same tile position), and kernel 2's column tile
 # sets the number of ℓ1 partials the host allocates.
 _BLOCK_M = 16 if INTERPRETING else 64
 _OUT_BLOCK_N = 32 if INTERPRETING else 128
-_BACKWARD_BLOCK_M = 16 if INTERPRETING else 32
-_BACKWARD_BLOCK_N = 32 if INTERPRETING else 128
 
 # Tuned per kernel: (BLOCK_N, BLOCK_K, num_warps, num_stages); configurations whose pipelined
 # tiles overflow shared memory (wide fp32 tiles) are pruned before compiling.
@@ -67,20 +66,6 @@ _PROJECT_PRUNE = SharedMemoryPrune(
     "x_ptr", lambda m: m["BLOCK_K"] * (m["BLOCK_M"] + m["BLOCK_N"] * (2 if m["GLU"] else 1))
 )
 _OUTPUT_PRUNE = SharedMemoryPrune("h_ptr", lambda m: m["BLOCK_K"] * (m["BLOCK_M"] + m["BLOCK_N"]))
-
-
-@triton.jit
-def _activation_derivative(z, ACTIVATION: tl.constexpr):
-    """d act(z) / dz for the codes of ``activate`` (silu 1, gelu 2, relu 3)."""
-    if ACTIVATION == 1:
-        s = 1.0 / (1.0 + tl.exp(-z))
-        d = s * (1.0 + z * (1.0 - s))
-    elif ACTIVATION == 2:
-        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
-        d = cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
-    else:
-        d = tl.where(z > 0, 1.0, 0.0)
-    return d
 
 
 @triton.jit
@@ -243,55 +228,6 @@ def _output_kernel(
         tl.store(l1_ptr + n_tile.to(tl.int64) * T + rows, tl.sum(tl.abs(y_a), axis=1), mask=valid)
 
 
-@triton.jit
-def _glu_backward_kernel(
-    pre_ptr, dh_ptr, g_ptr, extra_ptr, gh_ptr, dpre_ptr,
-    T, DA,
-    stride_pt, stride_pa, stride_dht, stride_dha, stride_ght, stride_gha, stride_dpt, stride_dpa,
-    ACTIVATION: tl.constexpr, GLU: tl.constexpr, GATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Rows m·BLOCK_M..: gh = g·h, du = g·dh·v·act'(u), dv = g·dh·act(u), and (gated)
-    dz = (Σ_cols dh·h + extra)·gate'(g), as :func:`reference.glu_backward`."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    r_mask = rows < T
-    r64 = rows.to(tl.int64)[:, None]
-    g = tl.load(g_ptr + rows, mask=r_mask, other=0.0)
-    dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for c0 in range(0, DA, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N)
-        mask = r_mask[:, None] & (cols < DA)[None, :]
-        u = tl.load(pre_ptr + r64 * stride_pt + cols[None, :] * stride_pa, mask=mask, other=0.0)
-        u = u.to(tl.float32)
-        dh = tl.load(dh_ptr + r64 * stride_dht + cols[None, :] * stride_dha, mask=mask, other=0.0)
-        dh = dh.to(tl.float32)
-        act = activate(u, ACTIVATION)
-        du = g[:, None] * dh * _activation_derivative(u, ACTIVATION)
-        h = act
-        if GLU:
-            v_ptrs = pre_ptr + r64 * stride_pt + (cols + DA)[None, :] * stride_pa
-            v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
-            h = act * v
-            du = du * v
-            dv = g[:, None] * dh * act
-            dv_ptrs = dpre_ptr + r64 * stride_dpt + (cols + DA)[None, :] * stride_dpa
-            tl.store(dv_ptrs, dv.to(dpre_ptr.dtype.element_ty), mask=mask)
-        dot += tl.sum(tl.where(mask, dh * h, 0.0), axis=1)
-        gh_ptrs = gh_ptr + r64 * stride_ght + cols[None, :] * stride_gha
-        tl.store(gh_ptrs, (g[:, None] * h).to(gh_ptr.dtype.element_ty), mask=mask)
-        du_ptrs = dpre_ptr + r64 * stride_dpt + cols[None, :] * stride_dpa
-        tl.store(du_ptrs, du.to(dpre_ptr.dtype.element_ty), mask=mask)
-    if GATE != 0:
-        extra = tl.load(extra_ptr + rows, mask=r_mask, other=0.0)
-        if GATE == 1:
-            slope = tl.where(g > 0, 1.0, 0.0)
-        else:
-            slope = g * (1.0 - g)
-        dz_col = DA * (2 if GLU else 1)
-        dz_ptrs = dpre_ptr + rows.to(tl.int64) * stride_dpt + dz_col * stride_dpa
-        tl.store(dz_ptrs, ((dot + extra) * slope).to(dpre_ptr.dtype.element_ty), mask=r_mask)
-
-
 def _all_rows(T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The dense row list: (arange(T) int32, its count (1,) int32); row r sits at position r."""
     return (
@@ -374,7 +310,7 @@ def neutral_residue(
         HAS_B_IN=b_in is not None,
         GLU=glu,
         HAS_B_GLU=b_glu is not None,
-        GATE=_GATE_CODES[gate],
+        GATE=GATE_CODES[gate],
         HAS_B_GATE=b_gate is not None,
         ACTIVATION=ACTIVATION_CODES[activation],
         KEEP_PRE=keep_pre,
@@ -422,28 +358,16 @@ def neutral_residue(
 
 def _glu_backward(pre, dh_raw, g, dgate_extra, activation, glu, gate):
     """:func:`modekernels.reference.neutral_residue.glu_backward` as one fused kernel."""
-    T = pre.shape[0]
-    DA = dh_raw.shape[1]
-    gated = gate != "none"
-    gh = pre.new_empty(T, DA)
-    dpre = pre.new_empty(T, pre.shape[1] + int(gated))
-    if T == 0:
-        return gh, dpre
-    _glu_backward_kernel[(triton.cdiv(T, _BACKWARD_BLOCK_M),)](
-        pre, dh_raw, g, dgate_extra, gh, dpre,
-        T, DA,
-        *pre.stride(), *dh_raw.stride(), *gh.stride(), *dpre.stride(),
-        ACTIVATION=ACTIVATION_CODES[activation], GLU=glu, GATE=_GATE_CODES[gate],
-        BLOCK_M=_BACKWARD_BLOCK_M, BLOCK_N=_BACKWARD_BLOCK_N,
+    return glu_backward(
+        pre, dh_raw, activation, glu, row_gate=g, gate=gate, gate_extra=dgate_extra, with_gh=True
     )
-    return gh, dpre
 
 
 def neutral_residue_backward(
     dy, dg, dl1, x, w_in, w_glu, w_out, w_gate, b_out, g, pre, activation, gate
 ):
     """The backward of the op: torch GEMMs composed by the reference backward around the fused
-    elementwise kernel (``_glu_backward_kernel``)."""
+    elementwise kernel (:func:`modekernels.triton_kernels.glu_backward.glu_backward`)."""
     return reference.neutral_residue_backward(
         dy, dg, dl1, x, w_in, w_glu, w_out, w_gate, b_out, g, pre, activation, gate,
         elementwise=_glu_backward,

@@ -20,10 +20,9 @@ from __future__ import annotations
 import torch
 
 from modekernels import _C
-from modekernels.cuda import current_stream
+from modekernels.cuda import ACTIVATION_CODES, current_stream
 from modekernels.cuda.grouped_mm import _DTYPE_CODES, grouped_mm
-
-ACTIVATION_CODES = {"identity": 0, "silu": 1, "gelu": 2, "relu": 3}
+from modekernels.cuda.neutral_residue import glu_backward
 
 
 def _bias_args(b: torch.Tensor | None) -> dict:
@@ -49,9 +48,8 @@ def moe_mlp_up(
     S = perm.shape[0]
     E, K, N = w1.shape
     inner = N // 2 if gated else N
-    h = torch.empty((S, inner), dtype=x.dtype, device=x.device)
-    if h.numel() == 0:
-        return h, x.new_empty((S if keep_preactivation else 0, N))
+    if S * inner == 0:
+        return x.new_empty((S, inner)), x.new_empty((S if keep_preactivation else 0, N))
     perm = perm.contiguous()
     offs = offs.contiguous()
     with torch.cuda.device(x.device):
@@ -63,6 +61,9 @@ def moe_mlp_up(
             element_bytes=x.element_size(), stream=stream,
         )
         pre = grouped_mm(x_sorted, w1, offs)
+        if activation == "identity" and not gated and b1 is None and not keep_preactivation:
+            return pre, x.new_empty((0, N))  # h = pre (the backward's gathered dy·w2ᵀ): no pass
+        h = torch.empty((S, inner), dtype=x.dtype, device=x.device)
         _C.moe_mlp_up_epilogue(
             pre=pre.data_ptr(), **_bias_args(b1), offs=offs.data_ptr(), S=S, E=E, I=inner,
             gated=gated, activation=ACTIVATION_CODES[activation], keep=keep_preactivation,
@@ -101,3 +102,13 @@ def moe_mlp_down(
             dtype=_DTYPE_CODES[h.dtype], stream=current_stream(h.device),
         )
     return y
+
+
+def activation_backward(
+    dh: torch.Tensor, pre: torch.Tensor, activation: str, gated: bool
+) -> torch.Tensor:
+    """d pre (S, N1) in pre's dtype from dh (S, I) and the kept pre (S, N1), in one pass of the
+    neutral-residue block's CUDA GLU backward with a unit row gate (its g·h output, unused here,
+    is written to a scratch buffer)."""
+    ones = torch.ones(pre.shape[0], dtype=torch.float32, device=pre.device)
+    return glu_backward(pre, dh, ones, ones, activation, gated, "none")[1]

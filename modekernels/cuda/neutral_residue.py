@@ -32,9 +32,8 @@ from __future__ import annotations
 import torch
 
 from modekernels import _C
-from modekernels.cuda import current_stream
+from modekernels.cuda import ACTIVATION_CODES, current_stream
 from modekernels.cuda.grouped_mm import _DTYPE_CODES, grouped_mm
-from modekernels.cuda.moe_mlp import ACTIVATION_CODES
 from modekernels.reference import neutral_residue as reference
 
 GATE_CODES = {"none": 0, "relu": 1, "sigmoid": 2}
@@ -100,7 +99,7 @@ def neutral_residue(
     return y, g, l1, pre if keep_pre else x.new_empty(0, n_pre)
 
 
-def _glu_backward(pre, dh_raw, g, dgate_extra, activation, glu, gate):
+def glu_backward(pre, dh_raw, g, dgate_extra, activation, glu, gate):
     """:func:`modekernels.reference.neutral_residue.glu_backward` as one fused kernel."""
     T = pre.shape[0]
     d_a = dh_raw.shape[1]
@@ -130,5 +129,5 @@ def neutral_residue_backward(
     elementwise kernel."""
     return reference.neutral_residue_backward(
         dy, dg, dl1, x, w_in, w_glu, w_out, w_gate, b_out, g, pre, activation, gate,
-        elementwise=_glu_backward,
+        elementwise=glu_backward,
     )

@@ -31,8 +31,9 @@ from modekernels._checks import (
     values_visible,
 )
 from modekernels.ops.grouped_mm import grouped_mm_op, grouped_mm_weight_grad_op
+from modekernels.ops.moe_mlp_backward import activation_backward_op, gate_backward_op
 from modekernels.ops.routing import INDEX_DTYPES, sort_by_expert
-from modekernels.reference.moe_mlp import ACTIVATIONS, activation_grad
+from modekernels.reference.moe_mlp import ACTIVATIONS
 
 # "identity" leaves the activation (or a model's own gate) to the caller.
 STAGE_ACTIVATIONS = ACTIVATIONS + ("identity",)
@@ -199,7 +200,7 @@ def _up_backward(ctx, dh, _dpre):
     if ctx.activation == "identity":
         dpre = dh
     elif ctx.keep:
-        dpre = activation_grad(dh, pre, ctx.activation, ctx.gated).to(x.dtype)
+        dpre = activation_backward_op(dh, pre, ctx.activation, ctx.gated, ctx.backend)
     else:
         raise RuntimeError(
             "moe_mlp_up ran with keep_preactivation=False, so it has no backward; "
@@ -231,14 +232,14 @@ def _down_backward(ctx, dy):
     dh = dw2 = db2 = dgate = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[5]:
         dh_unscaled = _gathered_product(dy, perm, offs, w2.transpose(1, 2), top_k, ctx.backend)
-        if ctx.needs_input_grad[0]:
-            dh = (dh_unscaled.float() * sorted_gate[:, None]).to(h.dtype)
+        # d gate = <dy_t, h·w2 + b2> = <dy_t·w2ᵀ, h> + <dy_t, b2>; rows past offs[-1] give 0.
+        dh, dgate_sorted = gate_backward_op(dh_unscaled, h, sorted_gate, ctx.backend)
+        if not ctx.needs_input_grad[0]:
+            dh = None
         if ctx.needs_input_grad[5]:
-            # d gate = <dy_t, h·w2 + b2> = <dy_t·w2ᵀ, h> + <dy_t, b2>; rows past offs[-1] give 0.
-            dgate_sorted = (dh_unscaled.float() * h.float()).sum(1)
             if b2 is not None:
                 bias_term = _gathered_product(dy, perm, offs, b2[:, :, None], top_k, ctx.backend)
-                dgate_sorted += bias_term[:, 0].float()
+                dgate_sorted = dgate_sorted + bias_term[:, 0].float()
             dgate = dgate_sorted[torch.argsort(perm)].view_as(gate).to(gate.dtype)
     # d of each sorted row's unscaled output: gate·dy[token], read through the index in place
     dout = {"dy_rows": tokens, "dy_scale": sorted_gate}

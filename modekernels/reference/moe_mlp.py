@@ -67,6 +67,26 @@ def activation_grad(
     return torch.cat([dh * up * _act_derivative(gate, activation), dh * _act(gate, activation)], -1)
 
 
+def activation_backward(
+    dh: torch.Tensor, pre: torch.Tensor, activation: str, gated: bool
+) -> torch.Tensor:
+    """The first stage's backward through its activation: d pre (S, N1) in pre's dtype from
+    dh (S, I) and the kept pre (S, N1), computed in float32 (:func:`activation_grad`)."""
+    return activation_grad(dh, pre, activation, gated).to(pre.dtype)
+
+
+def gate_backward(
+    dh_unscaled: torch.Tensor, h: torch.Tensor, sorted_gate: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The second stage's backward at each sorted row r, from dh_unscaled[r] = dy[token]·w2[e]ᵀ
+    (S, I), h (S, I) and the row's gate (S,) float32: (dh = gate·dh_unscaled in h's dtype,
+    Σ_c dh_unscaled·h (S,) float32, the gate's gradient without its bias term)."""
+    acc = accumulation_dtype(h.dtype)
+    rows = dh_unscaled.to(acc)
+    dh = (rows * sorted_gate.to(acc)[:, None]).to(h.dtype)
+    return dh, (rows * h.to(acc)).sum(1).to(torch.float32)
+
+
 def moe_mlp_up(
     x: torch.Tensor,
     perm: torch.Tensor,
