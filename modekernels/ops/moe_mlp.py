@@ -3,11 +3,12 @@
 Registered as ``torch.ops.modekernels.moe_mlp_up`` (the gathered first grouped GEMM with bias and
 activation or GLU in its epilogue) and ``torch.ops.modekernels.moe_mlp_down`` (the second grouped
 GEMM with bias, gate scaling and the fixed-order sum over k back to token order), each with a fake
-kernel and an autograd formula. The backward of both is composed, for every backend, of
-``moe_mlp_up`` (as the gathered GEMM dy[token]·w2ᵀ), ``grouped_mm`` and
-``grouped_mm_weight_grad`` calls (the latter reading x[token] and gate·dy[token] through the
-token index of each sorted row) and elementwise torch ops; it is deterministic (no
-scatter-add). On the triton backend no gathered (S, H) copy of x or dy is made.
+kernel and an autograd formula. The backward of both is composed, for every backend, of the
+stages themselves (``moe_mlp_up`` as the gathered GEMM dy[token]·w2ᵀ, ``moe_mlp_down`` as
+dx = Σ_k dpre·w1ᵀ back in token order), ``grouped_mm_weight_grad`` (reading x[token] and
+gate·dy[token] through the token index of each sorted row) and the one-pass row ops of
+:mod:`modekernels.ops.moe_mlp_backward`; it is deterministic (no scatter-add). On the triton
+backend no gathered (S, H) copy of x or dy is made.
 
 Slots: token t's j-th expert choice is slot t·k + j of the S = T·k slots. ``perm`` (S,) int64
 lists the slots sorted by expert, ``offs`` (E,) int32 the experts' cumulative ends in that order.
@@ -30,7 +31,7 @@ from modekernels._checks import (
     check_tensor,
     values_visible,
 )
-from modekernels.ops.grouped_mm import grouped_mm_op, grouped_mm_weight_grad_op
+from modekernels.ops.grouped_mm import grouped_mm_weight_grad_op
 from modekernels.ops.moe_mlp_backward import activation_backward_op, gate_backward_op
 from modekernels.ops.routing import INDEX_DTYPES, sort_by_expert
 from modekernels.reference.moe_mlp import ACTIVATIONS
@@ -208,8 +209,10 @@ def _up_backward(ctx, dh, _dpre):
         )
     dx = dw1 = db1 = None
     if ctx.needs_input_grad[0]:
-        dx_sorted = grouped_mm_op(dpre, w1.transpose(1, 2), offs, ctx.backend)
-        dx = slot_order_sum(dx_sorted, perm, x.shape[0], ctx.top_k)
+        # dx[t] = Σ_j dpre[r(t, j)]·w1ᵀ: the down stage's GEMM, scatter to slots and fixed-order
+        # sum over k, with unit gates
+        unit_gates = torch.ones(x.shape[0], ctx.top_k, dtype=torch.float32, device=x.device)
+        dx = _moe_mlp_down_op(dpre, perm, offs, w1.transpose(1, 2), None, unit_gates, ctx.backend)
     if ctx.needs_input_grad[3]:
         dw1 = grouped_mm_weight_grad_op(x, dpre, offs, x_rows=perm // ctx.top_k, backend=ctx.backend)
     if ctx.has_b1 and ctx.needs_input_grad[4]:
