@@ -2,8 +2,9 @@
 // expert-MLP and gated-residue kernels.
 //
 // Functions take data pointers as integers, shapes and element strides, a dtype code
-// (0 float32, 1 float16, 2 bfloat16), the CUDA stream as an integer, and for the Hopper kernels
-// a workspace that the caller allocates (size from grouped_mm_sm90_workspace_size). Importing
+// (0 float32, 1 float16, 2 bfloat16), the CUDA stream as an integer, and for the CUTLASS kernels
+// a workspace that the caller allocates (size from grouped_mm_sm90_workspace_size /
+// grouped_mm_sm80_workspace_size). Importing
 // this module does not touch the GPU. Bad arguments raise ValueError, CUDA and CUTLASS failures
 // RuntimeError.
 #include <cstdint>
@@ -110,6 +111,43 @@ void grouped_mm_weight_grad_simt_py(std::uintptr_t x, std::uintptr_t dy, std::ui
     case Dtype::kFloat32: return grouped_mm_weight_grad_simt<Dtype::kFloat32>(args);
     case Dtype::kFloat16: return grouped_mm_weight_grad_simt<Dtype::kFloat16>(args);
     case Dtype::kBFloat16: return grouped_mm_weight_grad_simt<Dtype::kBFloat16>(args);
+  }
+}
+
+size_t grouped_mm_sm80_workspace_size_py(int64_t E, int dtype) {
+  require(E >= 0, "grouped_mm_sm80_workspace_size: E >= 0");
+  if (dtype_from_code(dtype, false) == Dtype::kFloat16) {
+    return sm80_workspace_size<Dtype::kFloat16>(E);
+  }
+  return sm80_workspace_size<Dtype::kBFloat16>(E);
+}
+
+void grouped_mm_sm80_py(std::uintptr_t x, std::uintptr_t w, std::uintptr_t offs, std::uintptr_t y,
+                        int64_t S, int64_t K, int64_t N, int64_t E, int64_t x_stride_s,
+                        int64_t x_stride_k, int64_t w_stride_e, int64_t w_stride_k,
+                        int64_t w_stride_n, int dtype, std::uintptr_t workspace,
+                        size_t workspace_bytes, int sm_count, std::uintptr_t stream) {
+  const auto args = forward_args(x, w, offs, y, S, K, N, E, x_stride_s, x_stride_k, w_stride_e,
+                                 w_stride_k, w_stride_n, workspace, workspace_bytes, stream);
+  if (dtype_from_code(dtype, false) == Dtype::kFloat16) {
+    grouped_mm_sm80<Dtype::kFloat16>(args, sm_count);
+  } else {
+    grouped_mm_sm80<Dtype::kBFloat16>(args, sm_count);
+  }
+}
+
+void grouped_mm_weight_grad_sm80_py(std::uintptr_t x, std::uintptr_t dy, std::uintptr_t offs,
+                                    std::uintptr_t dw, int64_t S, int64_t K, int64_t N,
+                                    int64_t E, int64_t x_stride_s, int64_t x_stride_k,
+                                    int64_t dy_stride_s, int64_t dy_stride_n, int dtype,
+                                    std::uintptr_t workspace, size_t workspace_bytes,
+                                    int sm_count, std::uintptr_t stream) {
+  const auto args = weight_grad_args(x, dy, offs, dw, S, K, N, E, x_stride_s, x_stride_k,
+                                     dy_stride_s, dy_stride_n, workspace, workspace_bytes, stream);
+  if (dtype_from_code(dtype, false) == Dtype::kFloat16) {
+    grouped_mm_weight_grad_sm80<Dtype::kFloat16>(args, sm_count);
+  } else {
+    grouped_mm_weight_grad_sm80<Dtype::kBFloat16>(args, sm_count);
   }
 }
 
@@ -327,6 +365,20 @@ PYBIND11_MODULE(_C, m) {
         "dy_stride_s"_a, "dy_stride_n"_a, "dtype"_a, "workspace"_a, "workspace_bytes"_a,
         "sm_count"_a, "stream"_a,
         "dw = grouped x^T @ dy with the Hopper CUTLASS kernel (fp16/bf16, 16-byte aligned).");
+  m.def("grouped_mm_sm80_workspace_size", &grouped_mm_sm80_workspace_size_py, "E"_a, "dtype"_a,
+        "Bytes of workspace the sm80 grouped GEMMs need for E groups.");
+  m.def("grouped_mm_sm80", &grouped_mm_sm80_py, release_gil, "x"_a, "w"_a, "offs"_a, "y"_a,
+        "S"_a, "K"_a, "N"_a, "E"_a, "x_stride_s"_a, "x_stride_k"_a, "w_stride_e"_a,
+        "w_stride_k"_a, "w_stride_n"_a, "dtype"_a, "workspace"_a, "workspace_bytes"_a,
+        "sm_count"_a, "stream"_a,
+        "y = grouped x @ w with the Ampere CUTLASS kernel (fp16/bf16, 16-byte aligned, K and N "
+        "multiples of 8; sm_80 and newer).");
+  m.def("grouped_mm_weight_grad_sm80", &grouped_mm_weight_grad_sm80_py, release_gil, "x"_a,
+        "dy"_a, "offs"_a, "dw"_a, "S"_a, "K"_a, "N"_a, "E"_a, "x_stride_s"_a, "x_stride_k"_a,
+        "dy_stride_s"_a, "dy_stride_n"_a, "dtype"_a, "workspace"_a, "workspace_bytes"_a,
+        "sm_count"_a, "stream"_a,
+        "dw = grouped x^T @ dy with the Ampere CUTLASS kernel (fp16/bf16, 16-byte aligned, K and "
+        "N multiples of 8; sm_80 and newer).");
 
   m.def("routing_rows_per_chunk", &routing_rows_per_chunk, "entries"_a,
         "The routing kernels' default chunk length for this many entries.");

@@ -56,6 +56,13 @@ template <Dtype D> size_t sm90_workspace_size(int64_t E, int sm_count);
 template <Dtype D> void grouped_mm_sm90(const GroupedMmArgs& args, int sm_count);
 template <Dtype D> void grouped_mm_weight_grad_sm90(const WeightGradArgs& args, int sm_count);
 
+// Ampere CUTLASS 2.x grouped GEMMs (mma.sync tensor cores, bf16/fp16; every arch >= 80, Hopper
+// included). The sm90 requirements, and K and N multiples of 8 elements too; a workspace of
+// sm80_workspace_size bytes. sm_count sizes the persistent grid.
+template <Dtype D> size_t sm80_workspace_size(int64_t E);
+template <Dtype D> void grouped_mm_sm80(const GroupedMmArgs& args, int sm_count);
+template <Dtype D> void grouped_mm_weight_grad_sm80(const WeightGradArgs& args, int sm_count);
+
 // Fill kernels shared by the paths.
 // y[r, :] = 0 for offs[E-1] <= r < S (all rows when E == 0); y (S, N) contiguous.
 void zero_rows_past_last_group(void* y, size_t element_bytes, const int32_t* offs, int64_t E,

@@ -22,15 +22,15 @@
 #include <cutlass/util/packed_stride.hpp>
 
 #include "cuda_check.h"
+#include "cutlass_support.cuh"
 #include "group_rows.cuh"
 #include "grouped_mm.h"
 
 namespace modekernels {
-namespace sm90 {
 
-template <Dtype D> struct ElementOf;
-template <> struct ElementOf<Dtype::kFloat16> { using type = cutlass::half_t; };
-template <> struct ElementOf<Dtype::kBFloat16> { using type = cutlass::bfloat16_t; };
+using namespace cutlass_support;
+
+namespace sm90 {
 
 // D_g (M_g x N_g, row-major) = A_g (M_g x K_g) @ B_g (K_g x N_g) for every group g.
 template <typename Element, typename LayoutA, typename LayoutB>
@@ -71,12 +71,6 @@ using ForwardGemm = GroupedGemm<Element, cutlass::layout::RowMajor, LayoutB>;
 // Weight gradient: A = x_e^T (column-major view of x's rows), B = dy_e (row-major), D = dw[e].
 template <typename Element>
 using WeightGradGemm = GroupedGemm<Element, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
-
-constexpr size_t kWorkspaceAlignment = 128;
-
-inline size_t align_up(size_t bytes) {
-  return (bytes + kWorkspaceAlignment - 1) / kWorkspaceAlignment * kWorkspaceAlignment;
-}
 
 // The per-group arrays the GEMM reads, carved out of the workspace after CUTLASS's own part.
 template <typename G, typename Element>
@@ -187,16 +181,6 @@ size_t workspace_size(int64_t E, int sm_count) {
   return align_up(cutlass_bytes) + GroupArrays<G, Element>::bytes(E);
 }
 
-inline void check_cutlass(cutlass::Status status, const char* step) {
-  if (status != cutlass::Status::kSuccess) {
-    std::string message = std::string("CUTLASS grouped GEMM (sm90) ") + step + " failed: " +
-                          cutlassGetStatusString(status);
-    const cudaError_t error = cudaGetLastError();
-    if (error != cudaSuccess) message += std::string(" (") + cudaGetErrorString(error) + ")";
-    throw std::runtime_error(message);
-  }
-}
-
 // Lays out the workspace, runs `prepare(arrays)` (which launches the prepare kernel), then the
 // GEMM.
 template <typename G, typename Element, typename Prepare>
@@ -218,34 +202,17 @@ void run(int64_t E, int sm_count, void* workspace, size_t workspace_bytes, cudaS
 
   const auto args = gemm_arguments(arrays, E, sm_count, device);
   typename G::Gemm gemm;
-  check_cutlass(gemm.can_implement(args), "can_implement");
-  check_cutlass(gemm.initialize(args, workspace, stream), "initialize");
-  check_cutlass(gemm.run(stream), "run");
+  check_cutlass("sm90", gemm.can_implement(args), "can_implement");
+  check_cutlass("sm90", gemm.initialize(args, workspace, stream), "initialize");
+  check_cutlass("sm90", gemm.run(stream), "run");
   check_launch("grouped GEMM (sm90)");
-}
-
-constexpr int kPrepareThreads = 128;
-
-inline unsigned prepare_blocks(int64_t E) {
-  return static_cast<unsigned>((E + kPrepareThreads - 1) / kPrepareThreads);
-}
-
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-template <typename Element>
-bool aligned_ld(int64_t ld) {
-  return ld % (16 / static_cast<int64_t>(sizeof(Element))) == 0;
-}
-
-inline void require_32bit(int64_t value, const char* name) {
-  require(value <= INT32_MAX, std::string("grouped GEMM (sm90): ") + name + " exceeds 2^31 - 1");
 }
 
 }  // namespace sm90
 
 template <Dtype D>
 size_t sm90_workspace_size(int64_t E, int sm_count) {
-  using Element = typename sm90::ElementOf<D>::type;
+  using Element = typename ElementOf<D>::type;
   return std::max({sm90::workspace_size<sm90::ForwardGemm<Element, cutlass::layout::RowMajor>, Element>(E, sm_count),
                    sm90::workspace_size<sm90::ForwardGemm<Element, cutlass::layout::ColumnMajor>, Element>(E, sm_count),
                    sm90::workspace_size<sm90::WeightGradGemm<Element>, Element>(E, sm_count)});
@@ -253,7 +220,7 @@ size_t sm90_workspace_size(int64_t E, int sm_count) {
 
 template <Dtype D>
 void grouped_mm_sm90(const GroupedMmArgs& p, int sm_count) {
-  using Element = typename sm90::ElementOf<D>::type;
+  using Element = typename ElementOf<D>::type;
   if (p.S == 0 || p.N == 0) return;
   zero_rows_past_last_group(p.y, sizeof(Element), p.offs, p.E, p.S, p.N, p.stream);
   if (p.E == 0) return;
@@ -266,15 +233,15 @@ void grouped_mm_sm90(const GroupedMmArgs& p, int sm_count) {
   require(b_row_major || p.w_stride_k == 1,
           "grouped_mm_sm90: w needs a unit stride in its K or N dimension");
   require(p.x_stride_k == 1, "grouped_mm_sm90: x needs unit column stride");
-  require(sm90::aligned16(p.x) && sm90::aligned16(p.w) && sm90::aligned16(p.y),
+  require(aligned16(p.x) && aligned16(p.w) && aligned16(p.y),
           "grouped_mm_sm90: x, w and y must be 16-byte aligned");
-  require(sm90::aligned_ld<Element>(p.x_stride_s) && sm90::aligned_ld<Element>(p.w_stride_e) &&
-              sm90::aligned_ld<Element>(ldw) && sm90::aligned_ld<Element>(p.N),
+  require(aligned_extent<Element>(p.x_stride_s) && aligned_extent<Element>(p.w_stride_e) &&
+              aligned_extent<Element>(ldw) && aligned_extent<Element>(p.N),
           "grouped_mm_sm90: strides of x and w and N must be multiples of 16 bytes");
-  sm90::require_32bit(p.S, "S");
-  sm90::require_32bit(p.K, "K");
-  sm90::require_32bit(p.N, "N");
-  sm90::require_32bit(std::max({p.x_stride_s, ldw}), "a leading dimension");
+  require_32bit("sm90", p.S, "S");
+  require_32bit("sm90", p.K, "K");
+  require_32bit("sm90", p.N, "N");
+  require_32bit("sm90", std::max({p.x_stride_s, ldw}), "a leading dimension");
 
   const auto* x = static_cast<const Element*>(p.x);
   const auto* w = static_cast<const Element*>(p.w);
@@ -284,7 +251,7 @@ void grouped_mm_sm90(const GroupedMmArgs& p, int sm_count) {
     sm90::run<G, Element>(p.E, sm_count, p.workspace, p.workspace_bytes, p.stream,
                           [&](const sm90::GroupArrays<G, Element>& arrays) {
                             sm90::prepare_forward<G, Element>
-                                <<<sm90::prepare_blocks(p.E), sm90::kPrepareThreads, 0, p.stream>>>(
+                                <<<prepare_blocks(p.E), kPrepareThreads, 0, p.stream>>>(
                                     arrays, x, w, p.offs, y, p.S, p.K, p.N, p.E, p.x_stride_s,
                                     p.w_stride_e, ldw);
                           });
@@ -298,22 +265,22 @@ void grouped_mm_sm90(const GroupedMmArgs& p, int sm_count) {
 
 template <Dtype D>
 void grouped_mm_weight_grad_sm90(const WeightGradArgs& p, int sm_count) {
-  using Element = typename sm90::ElementOf<D>::type;
+  using Element = typename ElementOf<D>::type;
   if (p.E == 0 || p.K == 0 || p.N == 0) return;
   zero_empty_groups(p.dw, sizeof(Element), p.offs, p.E, p.S, p.K, p.N, p.stream);
   if (p.S == 0) return;
   require(p.x_stride_k == 1 && p.dy_stride_n == 1,
           "grouped_mm_weight_grad_sm90: x and dy need unit column strides");
-  require(sm90::aligned16(p.x) && sm90::aligned16(p.dy) && sm90::aligned16(p.dw),
+  require(aligned16(p.x) && aligned16(p.dy) && aligned16(p.dw),
           "grouped_mm_weight_grad_sm90: x, dy and dw must be 16-byte aligned");
-  require(sm90::aligned_ld<Element>(p.x_stride_s) && sm90::aligned_ld<Element>(p.dy_stride_s) &&
-              sm90::aligned_ld<Element>(p.N),
+  require(aligned_extent<Element>(p.x_stride_s) && aligned_extent<Element>(p.dy_stride_s) &&
+              aligned_extent<Element>(p.N),
           "grouped_mm_weight_grad_sm90: row strides of x and dy and N must be multiples of 16 "
           "bytes");
-  sm90::require_32bit(p.S, "S");
-  sm90::require_32bit(p.K, "K");
-  sm90::require_32bit(p.N, "N");
-  sm90::require_32bit(std::max({p.x_stride_s, p.dy_stride_s}), "a leading dimension");
+  require_32bit("sm90", p.S, "S");
+  require_32bit("sm90", p.K, "K");
+  require_32bit("sm90", p.N, "N");
+  require_32bit("sm90", std::max({p.x_stride_s, p.dy_stride_s}), "a leading dimension");
 
   using G = sm90::WeightGradGemm<Element>;
   const auto* x = static_cast<const Element*>(p.x);
@@ -322,7 +289,7 @@ void grouped_mm_weight_grad_sm90(const WeightGradArgs& p, int sm_count) {
   sm90::run<G, Element>(p.E, sm_count, p.workspace, p.workspace_bytes, p.stream,
                         [&](const sm90::GroupArrays<G, Element>& arrays) {
                           sm90::prepare_weight_grad<G, Element>
-                              <<<sm90::prepare_blocks(p.E), sm90::kPrepareThreads, 0, p.stream>>>(
+                              <<<prepare_blocks(p.E), kPrepareThreads, 0, p.stream>>>(
                                   arrays, x, dy, p.offs, dw, p.S, p.K, p.N, p.E, p.x_stride_s,
                                   p.dy_stride_s);
                         });

@@ -2,9 +2,11 @@
 ``modekernels._C`` entry is replaced by an emulator that reads and writes the CPU tensors through
 the raw pointers, shapes and element strides it is given, with the semantics ``csrc/*.h``
 documents. A wrong pointer, stride, layout, size or dtype code on the Python side then shows up
-as a result that differs from the reference; the Hopper emulators also enforce the C++ kernels'
-TMA preconditions, so the Python kernel choice must never pick a call the kernel would refuse.
-The kernels themselves are checked on a GPU by the op tests."""
+as a result that differs from the reference; the CUTLASS (sm90, sm80) emulators also enforce the
+C++ kernels' alignment preconditions, so the Python kernel choice must never pick a call the
+kernel would refuse. The
+real sm80 entry points are also called with arguments they must refuse on the host, before any
+launch. The kernels themselves are checked on a GPU by the op tests."""
 
 import contextlib
 import ctypes
@@ -13,7 +15,7 @@ import types
 import pytest
 import torch
 
-pytest.importorskip("modekernels._C", reason="the CUDA extension is not built here")
+REAL_C = pytest.importorskip("modekernels._C", reason="the CUDA extension is not built here")
 
 from modekernels.cuda import grouped_mm as cuda_grouped_mm  # noqa: E402
 from modekernels.cuda import moe_mlp as cuda_moe_mlp  # noqa: E402
@@ -39,12 +41,28 @@ def _view(address: int, dtype: torch.dtype, shape: tuple, strides: tuple) -> tor
     return torch.frombuffer(memory, dtype=dtype).as_strided(shape, strides)
 
 
-def _require_tma(dtype: int, pointers: tuple, strides: tuple, unit_strides: bool) -> None:
-    """The preconditions the sm90 entry points check (csrc/grouped_mm_sm90.cuh)."""
+def _require_aligned(kernel: str, dtype: int, pointers: tuple, strides: tuple,
+                     unit_strides: bool) -> None:
+    """The preconditions the CUTLASS entry points check (csrc/grouped_mm_sm90.cuh,
+    csrc/grouped_mm_sm80.cuh): 16-bit, unit strides, 16-byte aligned pointers and ``strides``."""
     per_16_bytes = 16 // DTYPES[dtype].itemsize
     if not (dtype != 0 and unit_strides and all(p % 16 == 0 for p in pointers)
             and all(s % per_16_bytes == 0 for s in strides)):
-        raise ValueError("the sm90 kernel refuses these arguments")
+        raise ValueError(f"the {kernel} kernel refuses these arguments")
+
+
+def _forward_requirements(a: dict) -> tuple:
+    """(pointers, strides, unit strides) the CUTLASS forward kernels check."""
+    row_major = a["w_stride_n"] == 1
+    ldw = a["w_stride_k"] if row_major else a["w_stride_n"]
+    return ((a["x"], a["w"], a["y"]), (a["x_stride_s"], a["w_stride_e"], ldw, a["N"]),
+            a["x_stride_k"] == 1 and (row_major or a["w_stride_k"] == 1))
+
+
+def _weight_grad_requirements(a: dict) -> tuple:
+    """(pointers, strides, unit strides) the CUTLASS weight-gradient kernels check."""
+    return ((a["x"], a["dy"], a["dw"]), (a["x_stride_s"], a["dy_stride_s"], a["N"]),
+            a["x_stride_k"] == 1 and a["dy_stride_n"] == 1)
 
 
 class FakeC:
@@ -52,12 +70,16 @@ class FakeC:
 
     def __init__(self):
         self.calls: list[str] = []
+        self.sm_counts: list[int] = []  # what each CUTLASS call was given
 
     def has_sm90_kernels(self):
         return True
 
     def grouped_mm_sm90_workspace_size(self, E, dtype, sm_count):
         return 256 + 128 * E + 64 * sm_count
+
+    def grouped_mm_sm80_workspace_size(self, E, dtype):
+        return 384 + 96 * E
 
     def _forward(self, x, w, offs, y, S, K, N, E, x_stride_s, x_stride_k, w_stride_e,
                  w_stride_k, w_stride_n, dtype, stream):
@@ -89,20 +111,37 @@ class FakeC:
 
     def grouped_mm_sm90(self, *, workspace, workspace_bytes, sm_count, **a):
         self.calls.append("grouped_mm_sm90")
-        row_major = a["w_stride_n"] == 1
-        ldw = a["w_stride_k"] if row_major else a["w_stride_n"]
-        _require_tma(a["dtype"], (a["x"], a["w"], a["y"]),
-                     (a["x_stride_s"], a["w_stride_e"], ldw, a["N"]),
-                     a["x_stride_k"] == 1 and (row_major or a["w_stride_k"] == 1))
+        pointers, strides, unit = _forward_requirements(a)
+        _require_aligned("sm90", a["dtype"], pointers, strides, unit)
         assert workspace_bytes >= self.grouped_mm_sm90_workspace_size(a["E"], a["dtype"], sm_count)
+        self.sm_counts.append(sm_count)
         self._forward(**a)
 
     def grouped_mm_weight_grad_sm90(self, *, workspace, workspace_bytes, sm_count, **a):
         self.calls.append("grouped_mm_weight_grad_sm90")
-        _require_tma(a["dtype"], (a["x"], a["dy"], a["dw"]),
-                     (a["x_stride_s"], a["dy_stride_s"], a["N"]),
-                     a["x_stride_k"] == 1 and a["dy_stride_n"] == 1)
+        _require_aligned("sm90", a["dtype"], *_weight_grad_requirements(a))
         assert workspace_bytes >= self.grouped_mm_sm90_workspace_size(a["E"], a["dtype"], sm_count)
+        self.sm_counts.append(sm_count)
+        self._weight_grad(**a)
+
+    def grouped_mm_sm80(self, *, workspace, workspace_bytes, sm_count, **a):
+        """The sm90 preconditions, and K and N multiples of 16 bytes."""
+        self.calls.append("grouped_mm_sm80")
+        pointers, strides, unit = _forward_requirements(a)
+        _require_aligned("sm80", a["dtype"], pointers, (*strides, a["K"]), unit)
+        assert workspace != 0 and workspace_bytes >= self.grouped_mm_sm80_workspace_size(
+            a["E"], a["dtype"])
+        self.sm_counts.append(sm_count)
+        self._forward(**a)
+
+    def grouped_mm_weight_grad_sm80(self, *, workspace, workspace_bytes, sm_count, **a):
+        """The sm90 preconditions, and K and N multiples of 16 bytes."""
+        self.calls.append("grouped_mm_weight_grad_sm80")
+        pointers, strides, unit = _weight_grad_requirements(a)
+        _require_aligned("sm80", a["dtype"], pointers, (*strides, a["K"]), unit)
+        assert workspace != 0 and workspace_bytes >= self.grouped_mm_sm80_workspace_size(
+            a["E"], a["dtype"])
+        self.sm_counts.append(sm_count)
         self._weight_grad(**a)
 
     def gather_rows(self, x, T, K, x_stride_t, x_stride_k, perm, S, top_k, dst, element_bytes,
@@ -233,44 +272,81 @@ OFFS = torch.tensor([3, 3, 9, 11], dtype=torch.int32)  # an empty group; rows 11
 S = 13
 
 
+# (dtype, K, N, compute capability, forced sm80 kernels) -> the kernel family that must run
+KERNEL_CHOICES = [
+    (torch.bfloat16, 16, 24, 90, False, "sm90"),
+    (torch.float16, 16, 24, 90, False, "sm90"),
+    (torch.bfloat16, 16, 24, 90, True, "sm80"),
+    (torch.float16, 16, 24, 90, True, "sm80"),
+    (torch.bfloat16, 12, 24, 90, False, "simt"),  # rows of 24 bytes: not 16-byte aligned
+    (torch.bfloat16, 12, 24, 90, True, "simt"),
+    (torch.bfloat16, 16, 20, 90, False, "simt"),
+    (torch.float32, 16, 24, 90, False, "simt"),
+    (torch.float32, 16, 24, 90, True, "simt"),
+    (torch.bfloat16, 16, 24, 80, False, "sm80"),
+    (torch.float16, 16, 24, 86, False, "sm80"),
+    (torch.bfloat16, 24, 8, 89, False, "sm80"),
+    (torch.bfloat16, 16, 24, 100, False, "sm80"),
+    (torch.float16, 16, 24, 120, False, "sm80"),
+    (torch.bfloat16, 12, 24, 80, False, "simt"),
+    (torch.bfloat16, 16, 20, 80, False, "simt"),
+    (torch.float16, 16, 36, 86, False, "simt"),
+    (torch.float32, 16, 24, 80, False, "simt"),
+]
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
-@pytest.mark.parametrize("dtype,K,N,sm,hopper", [
-    (torch.bfloat16, 16, 24, 90, True),
-    (torch.float16, 16, 24, 90, True),
-    (torch.bfloat16, 12, 24, 90, False),  # rows of 24 bytes: not TMA aligned
-    (torch.bfloat16, 16, 20, 90, False),
-    (torch.float32, 16, 24, 90, False),
-    (torch.bfloat16, 16, 24, 80, False),
-])
+@pytest.mark.parametrize("dtype,K,N,sm,forced,family", KERNEL_CHOICES)
 def test_grouped_mm_passes_layouts_and_picks_the_kernel(
-    fake_c, monkeypatch, poisoned, layout, dtype, K, N, sm, hopper
+    fake_c, monkeypatch, poisoned, layout, dtype, K, N, sm, forced, family
 ):
-    monkeypatch.setattr(cuda_grouped_mm, "_device_facts", lambda index: (sm, 132))
+    monkeypatch.setattr(cuda_grouped_mm, "_device_facts", lambda index: (sm, 108))
+    monkeypatch.setattr(cuda_grouped_mm, "_FORCE_SM80", forced)
     x = torch.randn(S, K, dtype=dtype)
     w = _weight(layout, len(OFFS), K, N, dtype)
     y = cuda_grouped_mm.grouped_mm(x, w, OFFS)
     torch.testing.assert_close(y, ref_grouped_mm.grouped_mm(x, w, OFFS), rtol=0, atol=0)
-    assert fake_c.calls == ["grouped_mm_sm90" if hopper else "grouped_mm_simt"]
+    assert fake_c.calls == [f"grouped_mm_{family}"]
+    assert fake_c.sm_counts == ([] if family == "simt" else [108])
 
 
-@pytest.mark.parametrize("dtype,K,N,hopper", [
-    (torch.bfloat16, 16, 24, True),
-    (torch.bfloat16, 16, 20, False),
-    (torch.float32, 16, 24, False),
-])
+@pytest.mark.parametrize("dtype,K,N,sm,forced,family", KERNEL_CHOICES)
 @pytest.mark.parametrize("strided", [False, True])
 def test_grouped_mm_weight_grad_passes_layouts_and_picks_the_kernel(
-    fake_c, poisoned, dtype, K, N, hopper, strided
+    fake_c, monkeypatch, poisoned, dtype, K, N, sm, forced, family, strided
 ):
+    monkeypatch.setattr(cuda_grouped_mm, "_device_facts", lambda index: (sm, 108))
+    monkeypatch.setattr(cuda_grouped_mm, "_FORCE_SM80", forced)
     x = torch.randn(S, K, dtype=dtype)
     dy = torch.randn(2 * S, N, dtype=dtype)[::2] if strided else torch.randn(S, N, dtype=dtype)
     dw = cuda_grouped_mm.grouped_mm_weight_grad(x, dy, OFFS)
     torch.testing.assert_close(
         dw, ref_grouped_mm.grouped_mm_weight_grad(x, dy, OFFS), rtol=0, atol=0
     )
-    assert fake_c.calls == [
-        "grouped_mm_weight_grad_sm90" if hopper else "grouped_mm_weight_grad_simt"
-    ]
+    assert fake_c.calls == [f"grouped_mm_weight_grad_{family}"]
+    assert fake_c.sm_counts == ([] if family == "simt" else [108])
+
+
+def test_hopper_gpu_without_the_90a_kernels_takes_the_sm80_ones(fake_c, monkeypatch):
+    """A build without 90a still runs Hopper on tensor cores (the sm80 kernels' PTX)."""
+    monkeypatch.setattr(fake_c, "has_sm90_kernels", lambda: False)
+    x, w = torch.randn(S, 16, dtype=torch.bfloat16), torch.randn(4, 16, 24, dtype=torch.bfloat16)
+    y = cuda_grouped_mm.grouped_mm(x, w, OFFS)
+    torch.testing.assert_close(y, ref_grouped_mm.grouped_mm(x, w, OFFS), rtol=0, atol=0)
+    assert fake_c.calls == ["grouped_mm_sm80"]
+
+
+def test_sm80_kernels_refuse_what_the_choice_never_sends():
+    """The emulated sm80 preconditions hold the C++ ones: K and N multiples of 8 elements."""
+    fake = FakeC()
+    x, w = torch.randn(S, 12, dtype=torch.bfloat16), torch.randn(1, 12, 24, dtype=torch.bfloat16)
+    y = torch.empty(S, 24, dtype=torch.bfloat16)
+    offs = torch.tensor([S], dtype=torch.int32)
+    with pytest.raises(ValueError, match="sm80 kernel refuses"):
+        fake.grouped_mm_sm80(
+            x=x.data_ptr(), w=w.data_ptr(), offs=offs.data_ptr(), y=y.data_ptr(), S=S, K=12,
+            N=24, E=1, x_stride_s=16, x_stride_k=1, w_stride_e=288, w_stride_k=24, w_stride_n=1,
+            dtype=2, workspace=1, workspace_bytes=1 << 10, sm_count=1, stream=0)
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -295,6 +371,34 @@ def test_moe_mlp_stages_match_the_reference(fake_c, poisoned, gated, dtype):
     assert fake_c.calls == ["grouped_mm_simt" if dtype == torch.float32 else "grouped_mm_sm90"]
     y = cuda_moe_mlp.moe_mlp_down(h_ref, perm, offs, w2, b2, gate)
     torch.testing.assert_close(y, ref_moe_mlp.moe_mlp_down(h_ref, perm, offs, w2, b2, gate), **tol)
+
+
+def test_moe_mlp_identity_stage_skips_the_epilogue(fake_c, poisoned, monkeypatch):
+    """The backward's gathered dy·w2ᵀ (identity, no bias, no GLU, pre not kept) is the grouped
+    GEMM's output itself: no epilogue pass runs."""
+    T, k, E, H, N = 5, 2, 3, 16, 8
+    x, w = torch.randn(T, H, dtype=torch.bfloat16), torch.randn(E, H, N, dtype=torch.bfloat16)
+    perm, offs = torch.randperm(T * k), torch.tensor([4, 4, 7], dtype=torch.int32)
+
+    def no_epilogue(**kwargs):
+        raise AssertionError("the identity stage must not run the epilogue")
+
+    monkeypatch.setattr(fake_c, "moe_mlp_up_epilogue", no_epilogue)
+    h, pre = cuda_moe_mlp.moe_mlp_up(x, perm, offs, w, None, "identity", False, k, False)
+    h_ref, _ = ref_moe_mlp.moe_mlp_up(x, perm, offs, w, None, "identity", False, k, False)
+    torch.testing.assert_close(h, h_ref, rtol=2e-2, atol=2e-2)
+    assert pre.shape == (0, N)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
+def test_moe_mlp_activation_backward_matches_the_reference(fake_c, poisoned, activation, gated):
+    S, inner = 9, 12
+    pre = torch.randn(S, 2 * inner + 3)[:, : 2 * inner if gated else inner]  # strided rows
+    dh = torch.randn(S, inner)
+    got = cuda_moe_mlp.activation_backward(dh, pre, activation, gated)
+    want = ref_moe_mlp.activation_backward(dh, pre, activation, gated)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("glu", [False, True])
@@ -334,3 +438,51 @@ def test_sizes_past_32_bits_take_the_generic_kernel(fake_c):
     assert not cuda_grouped_mm._hopper_kernels_fit(90, torch.bfloat16, (rows,), ())
     assert cuda_grouped_mm._hopper_kernels_fit(90, torch.bfloat16, (rows[: 2**31 - 1],), ())
     assert not cuda_grouped_mm._hopper_kernels_fit(90, torch.bfloat16, (rows[:8],), (2**31,))
+    assert not cuda_grouped_mm._ampere_kernels_fit(80, torch.bfloat16, (rows,), (), 8, 8)
+    assert cuda_grouped_mm._ampere_kernels_fit(80, torch.bfloat16, (rows[: 2**31 - 1],), (), 8, 8)
+    assert not cuda_grouped_mm._ampere_kernels_fit(80, torch.bfloat16, (rows[:8],), (), 2**31, 8)
+
+
+# Valid sm80 arguments for S=8, K=16, N=24, E=2 (bfloat16) at made-up 16-byte aligned addresses:
+# every call below changes one into something the kernel must refuse, so nothing is launched.
+SM80_COMMON = dict(offs=16, S=8, K=16, N=24, E=2, x=1024, x_stride_s=16, x_stride_k=1, dtype=2,
+                   workspace=4096, workspace_bytes=1 << 16, sm_count=4, stream=0)
+SM80_FORWARD = dict(SM80_COMMON, w=2048, y=3072, w_stride_e=384, w_stride_k=24, w_stride_n=1)
+SM80_WEIGHT_GRAD = dict(SM80_COMMON, dy=2048, dw=3072, dy_stride_s=24, dy_stride_n=1)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"x": 1026}, "16-byte aligned"),
+    ({"w_stride_n": 2}, "unit stride in its K or N"),
+    ({"w_stride_e": 380}, "multiples of 16 bytes"),
+    ({"K": 12, "w_stride_e": 288}, "multiples of 16 bytes"),
+    ({"N": 20, "w_stride_k": 20, "w_stride_e": 320}, "multiples of 16 bytes"),
+    ({"workspace_bytes": 64}, "workspace too small"),
+    ({"workspace": 4096 + 64}, "128-byte aligned"),
+    ({"sm_count": 0}, "sm_count"),
+    ({"dtype": 0}, "no float32 version"),
+], ids=["x_misaligned", "w_no_unit_stride", "w_batch_stride", "K_odd", "N_odd",
+        "small_workspace", "workspace_misaligned", "no_sms", "float32"])
+def test_sm80_forward_refuses_bad_arguments_before_launching(change, match):
+    with pytest.raises(ValueError, match=match):
+        REAL_C.grouped_mm_sm80(**{**SM80_FORWARD, **change})
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"dw": 3080}, "16-byte aligned"),
+    ({"dy_stride_n": 2}, "unit column strides"),
+    ({"K": 12, "x_stride_s": 16}, "multiples of 16 bytes"),
+    ({"dy_stride_s": 28}, "multiples of 16 bytes"),
+    ({"workspace_bytes": 64}, "workspace too small"),
+], ids=["dw_misaligned", "dy_no_unit_stride", "K_odd", "dy_row_stride", "small_workspace"])
+def test_sm80_weight_grad_refuses_bad_arguments_before_launching(change, match):
+    with pytest.raises(ValueError, match=match):
+        REAL_C.grouped_mm_weight_grad_sm80(**{**SM80_WEIGHT_GRAD, **change})
+
+
+def test_sm80_workspace_grows_with_the_groups():
+    sizes = [REAL_C.grouped_mm_sm80_workspace_size(E=E, dtype=2) for E in (0, 1, 100)]
+    assert sizes[0] == 0 and 0 < sizes[1] < sizes[2]
+    assert REAL_C.grouped_mm_sm80_workspace_size(E=100, dtype=1) == sizes[2]
+    with pytest.raises(ValueError, match="no float32 version"):
+        REAL_C.grouped_mm_sm80_workspace_size(E=1, dtype=0)

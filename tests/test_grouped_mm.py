@@ -424,3 +424,69 @@ def test_unknown_backend_name():
 def test_unavailable_backend_says_why():
     with pytest.raises(modekernels.BackendUnavailable, match="'cuda'.*needs CUDA tensors"):
         modekernels.grouped_mm(**_bad(), backend="cuda")
+
+
+# The sm80 CUTLASS 2.x kernels of the cuda backend, forced on any GPU (Hopper included) that can
+# run them. Besides CASES: several M, N and K tiles with partial ones, and more groups than one
+# warp of the kernel's problem visitor reads at a time.
+SM80_CASES = CASES + [
+    Case("multi_tile_K136_N264", 136, 264, [300, 0, 129, 1], tail=7),
+    Case("many_groups", 32, 40, [(7 * e) % 10 for e in range(45)], tail=3),
+]
+
+
+@pytest.fixture
+def sm80_launches(monkeypatch):
+    """The cuda backend runs the sm80 kernels wherever they fit; the list collects the kernel
+    family of each grouped GEMM launch."""
+    from modekernels.cuda import grouped_mm as cuda_grouped_mm
+
+    monkeypatch.setattr(cuda_grouped_mm, "_FORCE_SM80", True)
+    launches = []
+    real_launch = cuda_grouped_mm._launch
+
+    def recording_launch(op, family, *args, **kwargs):
+        launches.append(family)
+        return real_launch(op, family, *args, **kwargs)
+
+    monkeypatch.setattr(cuda_grouped_mm, "_launch", recording_launch)
+    return launches
+
+
+def _expected_family(case: Case) -> str:
+    """The sm80 kernels take K and N multiples of 8 (16 bytes of 16-bit elements)."""
+    return "sm80" if case.K % 8 == 0 and case.N % 8 == 0 else "simt"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "linear_weight"])
+@pytest.mark.parametrize("case", SM80_CASES, ids=repr)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+def test_sm80_forward_matches_float64_reference(sm80_launches, backend, dtype, case, layout):
+    x, w_leaf = make_inputs(case, dtype, layout)
+    w = as_weight(w_leaf, layout)
+    offs = case.offs()
+    with poisoned_allocations():
+        y = modekernels.grouped_mm(x, w, offs, backend=backend)
+    assert_matches(y, reference.grouped_mm(x.double(), w.double(), offs), case.K)
+    assert torch.all(y[sum(case.sizes) :] == 0), "rows past offs[-1] must be zero"
+    runs_a_kernel = case.S > 0 and case.K > 0 and case.E > 0
+    assert sm80_launches == ([_expected_family(case)] if runs_a_kernel else [])
+
+
+@pytest.mark.parametrize("case", SM80_CASES, ids=repr)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", backend_params("cuda"))
+def test_sm80_weight_grad_matches_float64_reference(sm80_launches, backend, dtype, case):
+    x, _ = make_inputs(case, dtype)
+    dy = torch.randn(case.N, case.S, device=DEVICE).to(dtype).t()  # made contiguous by the op
+    offs = case.offs()
+    with poisoned_allocations():
+        dw = torch.ops.modekernels.grouped_mm_weight_grad(x, dy, offs, backend=backend)
+    expected = reference.grouped_mm_weight_grad(x.double(), dy.double(), offs)
+    assert_matches(dw, expected, max(case.sizes, default=1))
+    for e, size in enumerate(case.sizes):
+        if size == 0:
+            assert torch.all(dw[e] == 0), f"empty group {e} must get a zero gradient"
+    runs_a_kernel = case.S > 0 and case.K > 0 and case.N > 0 and case.E > 0
+    assert sm80_launches == ([_expected_family(case)] if runs_a_kernel else [])

@@ -7,10 +7,15 @@ Kernels (``csrc/``):
   ``torch._grouped_mm`` does. TMA needs 16-byte aligned data pointers and strides: the row
   strides of x and dy, w's batch and leading strides and N must be multiples of 8 elements, so in
   practice K and N multiples of 8.
+- Other GPUs of compute capability 8.0 or newer (Ampere, Ada, Blackwell), float16/bfloat16:
+  CUTLASS 2.x grouped GEMMs on mma.sync tensor cores (fp32 accumulation), which also read
+  device-side group shapes. Their 128-bit accesses need what TMA needs and also K and N multiples
+  of 8 elements. They are built for every listed arch, so they run on Hopper too:
+  ``_FORCE_SM80 = True`` (a private switch the GPU tests monkeypatch) picks them there instead of
+  the Hopper kernels.
 - Everything else: a tiled CUDA-core kernel that takes any strides and alignment, with fp32
-  accumulation. It runs float32 (IEEE fp32 products whatever the TF32 setting), unaligned
-  float16/bfloat16, and every dtype on GPUs other than sm_90 (Ampere has no tensor-core path
-  here: correct but far slower than the Triton backend for 16-bit inputs).
+  accumulation. It runs float32 (IEEE fp32 products whatever the TF32 setting) and unaligned
+  float16/bfloat16 (correct, but far slower than the tensor-core kernels).
 
 So every validated call runs; only the speed depends on the dtype, alignment and GPU. w is used
 in place when it is (E, K, N) with unit stride along N or the transposed view of an (E, N, K)
@@ -27,7 +32,8 @@ from modekernels import _C
 from modekernels.reference.grouped_mm import gathered_operands
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_TMA_ALIGNMENT_BYTES = 16
+_ALIGNMENT_BYTES = 16  # TMA (sm90), 128-bit cp.async loads (sm80)
+_FORCE_SM80 = False  # True: the sm80 kernels wherever they fit, Hopper included (for tests)
 
 
 @functools.cache
@@ -49,31 +55,67 @@ def _weight_leading_stride(w: torch.Tensor) -> int:
     return w.stride(1) if w.stride(2) == 1 else w.stride(2)
 
 
-def _hopper_kernels_fit(
-    sm: int, dtype: torch.dtype, tensors: tuple[torch.Tensor, ...], strides: tuple[int, ...]
+def _tensor_core_operands_fit(
+    dtype: torch.dtype, tensors: tuple[torch.Tensor, ...], strides: tuple[int, ...]
 ) -> bool:
-    """Whether the sm90 CUTLASS kernels can run: Hopper, 16-bit, each 2-D operand in
-    ``tensors`` with unit column stride, 16-byte aligned pointers and ``strides``, and every
-    size and stride below 2³¹ (the kernels' 32-bit problem shapes)."""
-    if sm != 90 or dtype == torch.float32 or not _C.has_sm90_kernels():
+    """What both CUTLASS families need: 16-bit, each 2-D operand in ``tensors`` with unit column
+    stride, 16-byte aligned pointers and ``strides``, and every size and stride below 2³¹ (the
+    kernels' 32-bit problem shapes)."""
+    if dtype == torch.float32:
         return False
-    per_16_bytes = _TMA_ALIGNMENT_BYTES // dtype.itemsize
+    per_16_bytes = _ALIGNMENT_BYTES // dtype.itemsize
     extents = [n for t in tensors for n in (*t.shape, *t.stride())] + list(strides)
     return (
         max(extents, default=0) < 2**31
-        and all(t.data_ptr() % _TMA_ALIGNMENT_BYTES == 0 for t in tensors)
+        and all(t.data_ptr() % _ALIGNMENT_BYTES == 0 for t in tensors)
         and all(t.stride(1) == 1 for t in tensors if t.dim() == 2)
         and all(s % per_16_bytes == 0 for s in strides)
     )
 
 
-def _launch(kernel, args: dict, hopper: bool, sm_count: int, device: torch.device) -> None:
-    """Run a grouped GEMM entry point of ``_C``; the sm90 ones also take a workspace (per-group
-    shapes and pointers, written on the device) and the SM count."""
-    if not hopper:
+def _hopper_kernels_fit(
+    sm: int, dtype: torch.dtype, tensors: tuple[torch.Tensor, ...], strides: tuple[int, ...]
+) -> bool:
+    """Whether the sm90 CUTLASS kernels can run: Hopper, built for 90a, and
+    :func:`_tensor_core_operands_fit`."""
+    return sm == 90 and _C.has_sm90_kernels() and _tensor_core_operands_fit(dtype, tensors, strides)
+
+
+def _ampere_kernels_fit(
+    sm: int, dtype: torch.dtype, tensors: tuple[torch.Tensor, ...], strides: tuple[int, ...],
+    K: int, N: int,
+) -> bool:
+    """Whether the sm80 CUTLASS kernels can run: compute capability 8.0 or newer,
+    :func:`_tensor_core_operands_fit`, and K and N multiples of 8 elements too (their 128-bit
+    accesses are predicated per access, so a partial one would read past the row)."""
+    return sm >= 80 and _tensor_core_operands_fit(dtype, tensors, (*strides, K, N))
+
+
+def _kernel_family(
+    sm: int, dtype: torch.dtype, tensors: tuple[torch.Tensor, ...], strides: tuple[int, ...],
+    K: int, N: int,
+) -> str:
+    """"sm90", "sm80" or "simt": the fastest kernels that take these operands (see the module
+    docstring; ``_FORCE_SM80`` passes over the Hopper ones)."""
+    if not _FORCE_SM80 and _hopper_kernels_fit(sm, dtype, tensors, strides):
+        return "sm90"
+    if _ampere_kernels_fit(sm, dtype, tensors, strides, K, N):
+        return "sm80"
+    return "simt"
+
+
+def _launch(op: str, family: str, args: dict, sm_count: int, device: torch.device) -> None:
+    """Run ``_C.<op>_<family>``; the CUTLASS ones also take a workspace (per-group shapes and
+    pointers, written on the device) and the SM count."""
+    kernel = getattr(_C, f"{op}_{family}")
+    if family == "simt":
         kernel(**args)
         return
-    size = _C.grouped_mm_sm90_workspace_size(E=args["E"], dtype=args["dtype"], sm_count=sm_count)
+    E, dtype = args["E"], args["dtype"]
+    if family == "sm90":
+        size = _C.grouped_mm_sm90_workspace_size(E=E, dtype=dtype, sm_count=sm_count)
+    else:
+        size = _C.grouped_mm_sm80_workspace_size(E=E, dtype=dtype)
     workspace = torch.empty(size, dtype=torch.uint8, device=device)
     kernel(**args, workspace=workspace.data_ptr(), workspace_bytes=size, sm_count=sm_count)
 
@@ -105,8 +147,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
             stream=torch.cuda.current_stream(x.device).cuda_stream,
         )
         strides = (x.stride(0), w.stride(0), _weight_leading_stride(w), N)
-        hopper = _hopper_kernels_fit(sm, x.dtype, (x, w, y), strides)
-        _launch(_C.grouped_mm_sm90 if hopper else _C.grouped_mm_simt, args, hopper, sm_count, x.device)
+        family = _kernel_family(sm, x.dtype, (x, w, y), strides, K, N)
+        _launch("grouped_mm", family, args, sm_count, x.device)
     return y
 
 
@@ -147,7 +189,7 @@ def grouped_mm_weight_grad(
             dtype=_DTYPE_CODES[x.dtype],
             stream=torch.cuda.current_stream(x.device).cuda_stream,
         )
-        hopper = _hopper_kernels_fit(sm, x.dtype, (x, dy, dw), (x.stride(0), dy.stride(0), N))
-        kernel = _C.grouped_mm_weight_grad_sm90 if hopper else _C.grouped_mm_weight_grad_simt
-        _launch(kernel, args, hopper, sm_count, x.device)
+        strides = (x.stride(0), dy.stride(0), N)
+        family = _kernel_family(sm, x.dtype, (x, dy, dw), strides, K, N)
+        _launch("grouped_mm_weight_grad", family, args, sm_count, x.device)
     return dw

@@ -21,8 +21,9 @@ from modekernels._checks import (
 )
 
 def _fastest_first(device: torch.device) -> tuple[str, ...]:
-    """The CUTLASS kernels of the cuda backend reach tensor-core rate on Hopper; elsewhere the
-    cuda backend has only a CUDA-core kernel, so Triton goes first."""
+    """On Hopper the cuda backend's CUTLASS 3 kernels (TMA + WGMMA) go first; on other GPUs its
+    CUTLASS 2.x kernels (mma.sync) and the Triton kernels both use tensor cores, and Triton goes
+    first until a measurement says otherwise."""
     hopper = torch.cuda.get_device_capability(device) == (9, 0)
     return backends.CUDA_FIRST if hopper else backends.TRITON_FIRST
 
