@@ -3,6 +3,7 @@
 // the prepare kernels' grid. `family` ("sm80", "sm90") names the kernels in error messages.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -12,6 +13,7 @@
 
 #include "cuda_check.h"
 #include "dtype.h"
+#include "grouped_mm.h"
 
 namespace modekernels {
 namespace cutlass_support {
@@ -55,6 +57,49 @@ bool aligned_extent(int64_t n) {
 inline void require_32bit(const char* family, int64_t value, const char* name) {
   require(value <= INT32_MAX,
           std::string("grouped GEMM (") + family + "): " + name + " exceeds 2^31 - 1");
+}
+
+// The operand requirements of both families' forward: x with unit column stride, w with a unit
+// stride in K or N (leading dimension `ldw`), 16-byte aligned pointers, 16-byte multiples for
+// x's row stride, w's batch and leading strides and N, and K too where the kernels need it
+// (`aligned_k`: the sm80 kernels predicate each 128-bit access by its first element), every
+// size and leading dimension below 2^31.
+template <typename Element>
+void require_forward_operands(const char* family, const GroupedMmArgs& p, int64_t ldw,
+                              bool aligned_k) {
+  const std::string name = std::string("grouped_mm_") + family;
+  require(p.w_stride_n == 1 || p.w_stride_k == 1,
+          name + ": w needs a unit stride in its K or N dimension");
+  require(p.x_stride_k == 1, name + ": x needs unit column stride");
+  require(aligned16(p.x) && aligned16(p.w) && aligned16(p.y),
+          name + ": x, w and y must be 16-byte aligned");
+  require(aligned_extent<Element>(p.x_stride_s) && aligned_extent<Element>(p.w_stride_e) &&
+              aligned_extent<Element>(ldw) && aligned_extent<Element>(p.N) &&
+              (!aligned_k || aligned_extent<Element>(p.K)),
+          name + ": strides of x and w, N" + (aligned_k ? " and K" : "") +
+              " must be multiples of 16 bytes");
+  require_32bit(family, p.S, "S");
+  require_32bit(family, p.K, "K");
+  require_32bit(family, p.N, "N");
+  require_32bit(family, std::max(p.x_stride_s, ldw), "a leading dimension");
+}
+
+// The same for the weight gradient: x and dy with unit column strides, their row strides and N
+// (and K where `aligned_k`) 16-byte multiples.
+template <typename Element>
+void require_weight_grad_operands(const char* family, const WeightGradArgs& p, bool aligned_k) {
+  const std::string name = std::string("grouped_mm_weight_grad_") + family;
+  require(p.x_stride_k == 1 && p.dy_stride_n == 1, name + ": x and dy need unit column strides");
+  require(aligned16(p.x) && aligned16(p.dy) && aligned16(p.dw),
+          name + ": x, dy and dw must be 16-byte aligned");
+  require(aligned_extent<Element>(p.x_stride_s) && aligned_extent<Element>(p.dy_stride_s) &&
+              aligned_extent<Element>(p.N) && (!aligned_k || aligned_extent<Element>(p.K)),
+          name + ": row strides of x and dy, N" + (aligned_k ? " and K" : "") +
+              " must be multiples of 16 bytes");
+  require_32bit(family, p.S, "S");
+  require_32bit(family, p.K, "K");
+  require_32bit(family, p.N, "N");
+  require_32bit(family, std::max(p.x_stride_s, p.dy_stride_s), "a leading dimension");
 }
 
 }  // namespace cutlass_support

@@ -183,19 +183,7 @@ void grouped_mm_sm80(const GroupedMmArgs& p, int sm_count) {
   }
   const bool b_row_major = p.w_stride_n == 1;
   const int64_t ldw = b_row_major ? p.w_stride_k : p.w_stride_n;
-  require(b_row_major || p.w_stride_k == 1,
-          "grouped_mm_sm80: w needs a unit stride in its K or N dimension");
-  require(p.x_stride_k == 1, "grouped_mm_sm80: x needs unit column stride");
-  require(aligned16(p.x) && aligned16(p.w) && aligned16(p.y),
-          "grouped_mm_sm80: x, w and y must be 16-byte aligned");
-  require(aligned_extent<Element>(p.x_stride_s) &&
-              aligned_extent<Element>(p.w_stride_e) && aligned_extent<Element>(ldw) &&
-              aligned_extent<Element>(p.K) && aligned_extent<Element>(p.N),
-          "grouped_mm_sm80: strides of x and w, K and N must be multiples of 16 bytes");
-  require_32bit("sm80", p.S, "S");
-  require_32bit("sm80", p.K, "K");
-  require_32bit("sm80", p.N, "N");
-  require_32bit("sm80", std::max({p.x_stride_s, ldw}), "a leading dimension");
+  require_forward_operands<Element>("sm80", p, ldw, /*aligned_k=*/true);
 
   const auto* x = static_cast<const Element*>(p.x);
   const auto* w = static_cast<const Element*>(p.w);
@@ -228,19 +216,7 @@ void grouped_mm_weight_grad_sm80(const WeightGradArgs& p, int sm_count) {
                "cudaMemsetAsync");
     return;
   }
-  require(p.x_stride_k == 1 && p.dy_stride_n == 1,
-          "grouped_mm_weight_grad_sm80: x and dy need unit column strides");
-  require(aligned16(p.x) && aligned16(p.dy) && aligned16(p.dw),
-          "grouped_mm_weight_grad_sm80: x, dy and dw must be 16-byte aligned");
-  require(aligned_extent<Element>(p.x_stride_s) &&
-              aligned_extent<Element>(p.dy_stride_s) && aligned_extent<Element>(p.K) &&
-              aligned_extent<Element>(p.N),
-          "grouped_mm_weight_grad_sm80: row strides of x and dy, K and N must be multiples of 16 "
-          "bytes");
-  require_32bit("sm80", p.S, "S");
-  require_32bit("sm80", p.K, "K");
-  require_32bit("sm80", p.N, "N");
-  require_32bit("sm80", std::max({p.x_stride_s, p.dy_stride_s}), "a leading dimension");
+  require_weight_grad_operands<Element>("sm80", p, /*aligned_k=*/true);
 
   using G = sm80::WeightGradGemm<Element>;
   const auto* x = static_cast<const Element*>(p.x);

@@ -230,18 +230,7 @@ void grouped_mm_sm90(const GroupedMmArgs& p, int sm_count) {
   }
   const bool b_row_major = p.w_stride_n == 1;
   const int64_t ldw = b_row_major ? p.w_stride_k : p.w_stride_n;
-  require(b_row_major || p.w_stride_k == 1,
-          "grouped_mm_sm90: w needs a unit stride in its K or N dimension");
-  require(p.x_stride_k == 1, "grouped_mm_sm90: x needs unit column stride");
-  require(aligned16(p.x) && aligned16(p.w) && aligned16(p.y),
-          "grouped_mm_sm90: x, w and y must be 16-byte aligned");
-  require(aligned_extent<Element>(p.x_stride_s) && aligned_extent<Element>(p.w_stride_e) &&
-              aligned_extent<Element>(ldw) && aligned_extent<Element>(p.N),
-          "grouped_mm_sm90: strides of x and w and N must be multiples of 16 bytes");
-  require_32bit("sm90", p.S, "S");
-  require_32bit("sm90", p.K, "K");
-  require_32bit("sm90", p.N, "N");
-  require_32bit("sm90", std::max({p.x_stride_s, ldw}), "a leading dimension");
+  require_forward_operands<Element>("sm90", p, ldw, /*aligned_k=*/false);
 
   const auto* x = static_cast<const Element*>(p.x);
   const auto* w = static_cast<const Element*>(p.w);
@@ -269,18 +258,7 @@ void grouped_mm_weight_grad_sm90(const WeightGradArgs& p, int sm_count) {
   if (p.E == 0 || p.K == 0 || p.N == 0) return;
   zero_empty_groups(p.dw, sizeof(Element), p.offs, p.E, p.S, p.K, p.N, p.stream);
   if (p.S == 0) return;
-  require(p.x_stride_k == 1 && p.dy_stride_n == 1,
-          "grouped_mm_weight_grad_sm90: x and dy need unit column strides");
-  require(aligned16(p.x) && aligned16(p.dy) && aligned16(p.dw),
-          "grouped_mm_weight_grad_sm90: x, dy and dw must be 16-byte aligned");
-  require(aligned_extent<Element>(p.x_stride_s) && aligned_extent<Element>(p.dy_stride_s) &&
-              aligned_extent<Element>(p.N),
-          "grouped_mm_weight_grad_sm90: row strides of x and dy and N must be multiples of 16 "
-          "bytes");
-  require_32bit("sm90", p.S, "S");
-  require_32bit("sm90", p.K, "K");
-  require_32bit("sm90", p.N, "N");
-  require_32bit("sm90", std::max({p.x_stride_s, p.dy_stride_s}), "a leading dimension");
+  require_weight_grad_operands<Element>("sm90", p, /*aligned_k=*/false);
 
   using G = sm90::WeightGradGemm<Element>;
   const auto* x = static_cast<const Element*>(p.x);
