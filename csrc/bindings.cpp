@@ -122,33 +122,32 @@ size_t grouped_mm_sm80_workspace_size_py(int64_t E, int dtype) {
   return sm80_workspace_size<Dtype::kBFloat16>(E);
 }
 
-void grouped_mm_sm80_py(std::uintptr_t x, std::uintptr_t w, std::uintptr_t offs, std::uintptr_t y,
-                        int64_t S, int64_t K, int64_t N, int64_t E, int64_t x_stride_s,
-                        int64_t x_stride_k, int64_t w_stride_e, int64_t w_stride_k,
-                        int64_t w_stride_n, int dtype, std::uintptr_t workspace,
-                        size_t workspace_bytes, int sm_count, std::uintptr_t stream) {
+// The Python entry points of a CUTLASS family (float16 or bfloat16 by `dtype`, with a workspace
+// and the SM count), one template each for the forward and the weight gradient.
+using TensorCoreForward = void (*)(const GroupedMmArgs&, int);
+using TensorCoreWeightGrad = void (*)(const WeightGradArgs&, int);
+
+template <TensorCoreForward kHalf, TensorCoreForward kBFloat16>
+void tensor_core_forward_py(std::uintptr_t x, std::uintptr_t w, std::uintptr_t offs,
+                            std::uintptr_t y, int64_t S, int64_t K, int64_t N, int64_t E,
+                            int64_t x_stride_s, int64_t x_stride_k, int64_t w_stride_e,
+                            int64_t w_stride_k, int64_t w_stride_n, int dtype,
+                            std::uintptr_t workspace, size_t workspace_bytes, int sm_count,
+                            std::uintptr_t stream) {
   const auto args = forward_args(x, w, offs, y, S, K, N, E, x_stride_s, x_stride_k, w_stride_e,
                                  w_stride_k, w_stride_n, workspace, workspace_bytes, stream);
-  if (dtype_from_code(dtype, false) == Dtype::kFloat16) {
-    grouped_mm_sm80<Dtype::kFloat16>(args, sm_count);
-  } else {
-    grouped_mm_sm80<Dtype::kBFloat16>(args, sm_count);
-  }
+  (dtype_from_code(dtype, false) == Dtype::kFloat16 ? kHalf : kBFloat16)(args, sm_count);
 }
 
-void grouped_mm_weight_grad_sm80_py(std::uintptr_t x, std::uintptr_t dy, std::uintptr_t offs,
-                                    std::uintptr_t dw, int64_t S, int64_t K, int64_t N,
-                                    int64_t E, int64_t x_stride_s, int64_t x_stride_k,
-                                    int64_t dy_stride_s, int64_t dy_stride_n, int dtype,
-                                    std::uintptr_t workspace, size_t workspace_bytes,
-                                    int sm_count, std::uintptr_t stream) {
+template <TensorCoreWeightGrad kHalf, TensorCoreWeightGrad kBFloat16>
+void tensor_core_weight_grad_py(std::uintptr_t x, std::uintptr_t dy, std::uintptr_t offs,
+                                std::uintptr_t dw, int64_t S, int64_t K, int64_t N, int64_t E,
+                                int64_t x_stride_s, int64_t x_stride_k, int64_t dy_stride_s,
+                                int64_t dy_stride_n, int dtype, std::uintptr_t workspace,
+                                size_t workspace_bytes, int sm_count, std::uintptr_t stream) {
   const auto args = weight_grad_args(x, dy, offs, dw, S, K, N, E, x_stride_s, x_stride_k,
                                      dy_stride_s, dy_stride_n, workspace, workspace_bytes, stream);
-  if (dtype_from_code(dtype, false) == Dtype::kFloat16) {
-    grouped_mm_weight_grad_sm80<Dtype::kFloat16>(args, sm_count);
-  } else {
-    grouped_mm_weight_grad_sm80<Dtype::kBFloat16>(args, sm_count);
-  }
+  (dtype_from_code(dtype, false) == Dtype::kFloat16 ? kHalf : kBFloat16)(args, sm_count);
 }
 
 #ifdef MODEKERNELS_WITH_SM90
@@ -160,34 +159,6 @@ size_t grouped_mm_sm90_workspace_size_py(int64_t E, int dtype, int sm_count) {
   return sm90_workspace_size<Dtype::kBFloat16>(E, sm_count);
 }
 
-void grouped_mm_sm90_py(std::uintptr_t x, std::uintptr_t w, std::uintptr_t offs, std::uintptr_t y,
-                        int64_t S, int64_t K, int64_t N, int64_t E, int64_t x_stride_s,
-                        int64_t x_stride_k, int64_t w_stride_e, int64_t w_stride_k,
-                        int64_t w_stride_n, int dtype, std::uintptr_t workspace,
-                        size_t workspace_bytes, int sm_count, std::uintptr_t stream) {
-  const auto args = forward_args(x, w, offs, y, S, K, N, E, x_stride_s, x_stride_k, w_stride_e,
-                                 w_stride_k, w_stride_n, workspace, workspace_bytes, stream);
-  if (dtype_from_code(dtype, false) == Dtype::kFloat16) {
-    grouped_mm_sm90<Dtype::kFloat16>(args, sm_count);
-  } else {
-    grouped_mm_sm90<Dtype::kBFloat16>(args, sm_count);
-  }
-}
-
-void grouped_mm_weight_grad_sm90_py(std::uintptr_t x, std::uintptr_t dy, std::uintptr_t offs,
-                                    std::uintptr_t dw, int64_t S, int64_t K, int64_t N,
-                                    int64_t E, int64_t x_stride_s, int64_t x_stride_k,
-                                    int64_t dy_stride_s, int64_t dy_stride_n, int dtype,
-                                    std::uintptr_t workspace, size_t workspace_bytes,
-                                    int sm_count, std::uintptr_t stream) {
-  const auto args = weight_grad_args(x, dy, offs, dw, S, K, N, E, x_stride_s, x_stride_k,
-                                     dy_stride_s, dy_stride_n, workspace, workspace_bytes, stream);
-  if (dtype_from_code(dtype, false) == Dtype::kFloat16) {
-    grouped_mm_weight_grad_sm90<Dtype::kFloat16>(args, sm_count);
-  } else {
-    grouped_mm_weight_grad_sm90<Dtype::kBFloat16>(args, sm_count);
-  }
-}
 #else
 [[noreturn]] void require_sm90_kernels() {
   throw std::runtime_error(
@@ -198,18 +169,15 @@ size_t grouped_mm_sm90_workspace_size_py(int64_t, int, int) {
   require_sm90_kernels();
 }
 
-void grouped_mm_sm90_py(std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t,
-                        int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                        int, std::uintptr_t, size_t, int, std::uintptr_t) {
+}  // namespace
+
+// Without 90a the Hopper entry points exist and say why they cannot run.
+template <Dtype D> void grouped_mm_sm90(const GroupedMmArgs&, int) { require_sm90_kernels(); }
+template <Dtype D> void grouped_mm_weight_grad_sm90(const WeightGradArgs&, int) {
   require_sm90_kernels();
 }
 
-void grouped_mm_weight_grad_sm90_py(std::uintptr_t, std::uintptr_t, std::uintptr_t,
-                                    std::uintptr_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                                    int64_t, int64_t, int64_t, int, std::uintptr_t, size_t, int,
-                                    std::uintptr_t) {
-  require_sm90_kernels();
-}
+namespace {
 #endif
 
 // Routing (routing.h).
@@ -355,31 +323,33 @@ PYBIND11_MODULE(_C, m) {
         "dw (E, K, N contiguous) = grouped x^T @ dy on CUDA cores; any strides, every arch.");
   m.def("grouped_mm_sm90_workspace_size", &grouped_mm_sm90_workspace_size_py, "E"_a, "dtype"_a,
         "sm_count"_a, "Bytes of workspace the sm90 grouped GEMMs need for E groups.");
-  m.def("grouped_mm_sm90", &grouped_mm_sm90_py, release_gil, "x"_a, "w"_a, "offs"_a, "y"_a,
-        "S"_a, "K"_a, "N"_a, "E"_a, "x_stride_s"_a, "x_stride_k"_a, "w_stride_e"_a,
-        "w_stride_k"_a, "w_stride_n"_a, "dtype"_a, "workspace"_a, "workspace_bytes"_a,
-        "sm_count"_a, "stream"_a,
-        "y = grouped x @ w with the Hopper CUTLASS kernel (fp16/bf16, 16-byte aligned).");
-  m.def("grouped_mm_weight_grad_sm90", &grouped_mm_weight_grad_sm90_py, release_gil, "x"_a,
-        "dy"_a, "offs"_a, "dw"_a, "S"_a, "K"_a, "N"_a, "E"_a, "x_stride_s"_a, "x_stride_k"_a,
-        "dy_stride_s"_a, "dy_stride_n"_a, "dtype"_a, "workspace"_a, "workspace_bytes"_a,
-        "sm_count"_a, "stream"_a,
-        "dw = grouped x^T @ dy with the Hopper CUTLASS kernel (fp16/bf16, 16-byte aligned).");
+  // The CUTLASS families' forward and weight gradient take the same arguments.
+  const auto def_tensor_core = [&](const std::string& family, auto forward, auto weight_grad,
+                                   const std::string& what) {
+    m.def(("grouped_mm_" + family).c_str(), forward, release_gil, "x"_a, "w"_a, "offs"_a, "y"_a,
+          "S"_a, "K"_a, "N"_a, "E"_a, "x_stride_s"_a, "x_stride_k"_a, "w_stride_e"_a,
+          "w_stride_k"_a, "w_stride_n"_a, "dtype"_a, "workspace"_a, "workspace_bytes"_a,
+          "sm_count"_a, "stream"_a, ("y = grouped x @ w with " + what).c_str());
+    m.def(("grouped_mm_weight_grad_" + family).c_str(), weight_grad, release_gil, "x"_a, "dy"_a,
+          "offs"_a, "dw"_a, "S"_a, "K"_a, "N"_a, "E"_a, "x_stride_s"_a, "x_stride_k"_a,
+          "dy_stride_s"_a, "dy_stride_n"_a, "dtype"_a, "workspace"_a, "workspace_bytes"_a,
+          "sm_count"_a, "stream"_a, ("dw = grouped x^T @ dy with " + what).c_str());
+  };
+  def_tensor_core(
+      "sm90",
+      &tensor_core_forward_py<grouped_mm_sm90<Dtype::kFloat16>, grouped_mm_sm90<Dtype::kBFloat16>>,
+      &tensor_core_weight_grad_py<grouped_mm_weight_grad_sm90<Dtype::kFloat16>,
+                                  grouped_mm_weight_grad_sm90<Dtype::kBFloat16>>,
+      "the Hopper CUTLASS kernel (fp16/bf16, 16-byte aligned).");
   m.def("grouped_mm_sm80_workspace_size", &grouped_mm_sm80_workspace_size_py, "E"_a, "dtype"_a,
         "Bytes of workspace the sm80 grouped GEMMs need for E groups.");
-  m.def("grouped_mm_sm80", &grouped_mm_sm80_py, release_gil, "x"_a, "w"_a, "offs"_a, "y"_a,
-        "S"_a, "K"_a, "N"_a, "E"_a, "x_stride_s"_a, "x_stride_k"_a, "w_stride_e"_a,
-        "w_stride_k"_a, "w_stride_n"_a, "dtype"_a, "workspace"_a, "workspace_bytes"_a,
-        "sm_count"_a, "stream"_a,
-        "y = grouped x @ w with the Ampere CUTLASS kernel (fp16/bf16, 16-byte aligned, K and N "
-        "multiples of 8; sm_80 and newer).");
-  m.def("grouped_mm_weight_grad_sm80", &grouped_mm_weight_grad_sm80_py, release_gil, "x"_a,
-        "dy"_a, "offs"_a, "dw"_a, "S"_a, "K"_a, "N"_a, "E"_a, "x_stride_s"_a, "x_stride_k"_a,
-        "dy_stride_s"_a, "dy_stride_n"_a, "dtype"_a, "workspace"_a, "workspace_bytes"_a,
-        "sm_count"_a, "stream"_a,
-        "dw = grouped x^T @ dy with the Ampere CUTLASS kernel (fp16/bf16, 16-byte aligned, K and "
-        "N multiples of 8; sm_80 and newer).");
-
+  def_tensor_core(
+      "sm80",
+      &tensor_core_forward_py<grouped_mm_sm80<Dtype::kFloat16>, grouped_mm_sm80<Dtype::kBFloat16>>,
+      &tensor_core_weight_grad_py<grouped_mm_weight_grad_sm80<Dtype::kFloat16>,
+                                  grouped_mm_weight_grad_sm80<Dtype::kBFloat16>>,
+      "the Ampere CUTLASS kernel (fp16/bf16, 16-byte aligned, K and N multiples of 8; sm_80 and "
+      "newer).");
   m.def("routing_rows_per_chunk", &routing_rows_per_chunk, "entries"_a,
         "The routing kernels' default chunk length for this many entries.");
   m.def("routing_workspace_size", &routing_workspace_size, "entries"_a, "E"_a,
