@@ -84,14 +84,16 @@ def environment() -> dict:
 def provider_params(*names: str) -> list:
     """pytest params, one per provider name, in the given order (the first is the baseline).
 
-    A name that is a modekernels backend (``reference``, ``triton``, ``cuda``) is skipped, with
-    the reason, when :func:`modekernels.backends.availability` says it cannot run on DEVICE. Any
-    other name (an eager loop, a ``torch`` built-in) always runs; a built-in that turns out not to
+    A name that is a modekernels backend (``reference``, ``triton``, ``cuda``), or a backend
+    with a variant after a dash (``cuda-sm80``), is skipped, with the reason, when
+    :func:`modekernels.backends.availability` says the backend cannot run on DEVICE. Any other
+    name (an eager loop, a ``torch`` built-in) always runs; a built-in that turns out not to
     support the call should ``pytest.skip`` with its error inside the test.
     """
     params = []
     for name in names:
-        reason = backends.availability(name, DEVICE) if name in backends.BACKENDS else None
+        backend = name.split("-")[0]
+        reason = backends.availability(backend, DEVICE) if backend in backends.BACKENDS else None
         marks = [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []
         params.append(pytest.param(name, id=name, marks=marks))
     return params

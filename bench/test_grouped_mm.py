@@ -2,7 +2,9 @@
 
 Providers, first the baseline: ``loop`` (eager ``x[s:e] @ w[i]`` per group, concatenated, with
 the group bounds known on the host), ``torch`` (``torch._grouped_mm``, skipped with its error
-where it cannot run), and ``modekernels.grouped_mm`` with the ``triton`` and ``cuda`` backends.
+where it cannot run), and ``modekernels.grouped_mm`` with the ``triton`` and ``cuda`` backends,
+and ``cuda-sm80``: the cuda backend with its CUTLASS 2.x (mma.sync) kernels forced, which on
+Hopper shows what the CUTLASS 3 kernels gain (elsewhere it is what ``cuda`` runs anyway).
 
 Problems (E, S, K, N): Mixtral-like 8 x (4096 -> 14336), 128 small experts (2048 -> 1536) and
 64 experts (4096 -> 1024); each with a uniform split and a skewed one (group 0 holds half the
@@ -49,7 +51,7 @@ def provider_forward(provider: str, bounds, offs):
         return lambda x, w: loop_grouped_mm(x, w, bounds)
     if provider == "torch":
         return lambda x, w: torch._grouped_mm(x, w, offs)
-    return lambda x, w: modekernels.grouped_mm(x, w, offs, backend=provider)
+    return lambda x, w: modekernels.grouped_mm(x, w, offs, backend=provider.split("-")[0])
 
 
 def step(forward, mode: str, x, w, dy):
@@ -59,11 +61,15 @@ def step(forward, mode: str, x, w, dy):
     return lambda: torch.autograd.grad(forward(x, w), (x, w), dy)
 
 
-@pytest.mark.parametrize("provider", provider_params("loop", "torch", "triton", "cuda"))
+@pytest.mark.parametrize("provider", provider_params("loop", "torch", "triton", "cuda", "cuda-sm80"))
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("split", ["uniform", "skewed"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "E{}-S{}-K{}-N{}".format(*s))
-def test_grouped_mm(benchmark, ceilings, shape, split, mode, provider):
+def test_grouped_mm(benchmark, ceilings, monkeypatch, shape, split, mode, provider):
+    if provider == "cuda-sm80":
+        from modekernels.cuda import grouped_mm as cuda_grouped_mm
+
+        monkeypatch.setattr(cuda_grouped_mm, "_FORCE_SM80", True)
     E, S, K, N = shape
     bounds = split_bounds(S, E, split)
     offs = torch.tensor([end for _, end in bounds], dtype=torch.int32, device=DEVICE)
