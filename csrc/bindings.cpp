@@ -252,6 +252,16 @@ void moe_mlp_down_combine_py(std::uintptr_t out, std::uintptr_t perm, std::uintp
       as_stream(stream)});
 }
 
+void moe_mlp_gate_backward_py(std::uintptr_t a, int64_t a_stride_s, int64_t a_stride_i,
+                              std::uintptr_t h, int64_t h_stride_s, int64_t h_stride_i,
+                              std::uintptr_t scale, int64_t S, int64_t I, std::uintptr_t dh,
+                              std::uintptr_t dot, int dtype, std::uintptr_t stream) {
+  moe_mlp_gate_backward(MoeGateBackwardArgs{
+      as_pointer<const void>(a), a_stride_s, a_stride_i, as_pointer<const void>(h), h_stride_s,
+      h_stride_i, as_pointer<const float>(scale), S, I, as_pointer<void>(dh),
+      as_pointer<float>(dot), dtype_from_code(dtype, true), as_stream(stream)});
+}
+
 // Gated residue block (neutral_residue.h).
 void neutral_residue_gate_py(std::uintptr_t x, int64_t T, int64_t d, int64_t x_stride_t,
                              int64_t x_stride_d, std::uintptr_t w_gate, int64_t w_gate_stride,
@@ -380,6 +390,10 @@ PYBIND11_MODULE(_C, m) {
         "offs"_a, "S"_a, "E"_a, "N"_a, "T"_a, "top_k"_a, "bias"_a, "bias_stride_e"_a,
         "bias_stride_n"_a, "gate"_a, "slot_row"_a, "slot_expert"_a, "y"_a, "dtype"_a, "stream"_a,
         "y[t] = sum over j in order of gate[t*k+j] * (out[row] + b2[e]).");
+  m.def("moe_mlp_gate_backward", &moe_mlp_gate_backward_py, release_gil, "a"_a, "a_stride_s"_a,
+        "a_stride_i"_a, "h"_a, "h_stride_s"_a, "h_stride_i"_a, "scale"_a, "S"_a, "I"_a, "dh"_a,
+        "dot"_a, "dtype"_a, "stream"_a,
+        "dh (S, I contiguous) = scale[r] * a[r]; dot (S,) float32 = sum over c of a[r, c] * h[r, c].");
 
   m.def("neutral_residue_gate", &neutral_residue_gate_py, release_gil, "x"_a, "T"_a, "d"_a,
         "x_stride_t"_a, "x_stride_d"_a, "w_gate"_a, "w_gate_stride"_a, "b_gate"_a, "gate"_a,

@@ -7,6 +7,7 @@
 // - slot_rows_kernel + combine_kernel: the inverse of perm (slot -> sorted row and expert), then
 //   one block per token: y[t] = Σ_j gate[t·k + j]·(out[row] + b2[e]) summed over j in order in
 //   float32 (deterministic: no atomics).
+// - gate_backward_kernel: one block per sorted row of the backward: dh = gate·a and Σ a·h.
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -17,6 +18,7 @@
 #include "group_rows.cuh"
 #include "launch_shape.h"
 #include "moe_mlp.h"
+#include "reduce.cuh"
 
 namespace modekernels {
 namespace {
@@ -107,6 +109,25 @@ __global__ void combine_kernel(const T* out, const int64_t* slot_row, const int3
   }
 }
 
+template <typename T>
+__global__ void gate_backward_kernel(const T* a, int64_t a_stride_s, int64_t a_stride_i,
+                                     const T* h, int64_t h_stride_s, int64_t h_stride_i,
+                                     const float* scale, int64_t S, int64_t I, T* dh,
+                                     float* dot) {
+  __shared__ float scratch[kWarpSize + 1];
+  for (int64_t row = blockIdx.x; row < S; row += gridDim.x) {
+    const float gate = scale[row];
+    float sum = 0.0f;
+    for (int64_t c = threadIdx.x; c < I; c += blockDim.x) {
+      const float av = to_float(a[row * a_stride_s + c * a_stride_i]);
+      sum += av * to_float(h[row * h_stride_s + c * h_stride_i]);
+      dh[row * I + c] = from_float<T>(gate * av);
+    }
+    const float total = block_sum(sum, scratch);
+    if (threadIdx.x == 0) dot[row] = total;
+  }
+}
+
 }  // namespace
 
 void gather_rows(const void* x, int64_t T, int64_t K, int64_t x_stride_t, int64_t x_stride_k,
@@ -160,6 +181,18 @@ void moe_mlp_down_combine(const MoeDownCombineArgs& a) {
         static_cast<T*>(a.y));
   });
   check_launch("moe_mlp combine_kernel");
+}
+
+void moe_mlp_gate_backward(const MoeGateBackwardArgs& a) {
+  require(a.S >= 0 && a.I >= 0, "moe_mlp_gate_backward: bad sizes");
+  if (a.S == 0) return;
+  with_element_type(a.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    gate_backward_kernel<T><<<row_blocks(a.S), column_threads(a.I), 0, a.stream>>>(
+        static_cast<const T*>(a.a), a.a_stride_s, a.a_stride_i, static_cast<const T*>(a.h),
+        a.h_stride_s, a.h_stride_i, a.scale, a.S, a.I, static_cast<T*>(a.dh), a.dot);
+  });
+  check_launch("moe_mlp gate_backward_kernel");
 }
 
 }  // namespace modekernels

@@ -55,4 +55,21 @@ struct MoeDownCombineArgs {
 
 void moe_mlp_down_combine(const MoeDownCombineArgs& args);
 
+// The backward's gate step, per sorted row r: dh[r] = scale[r]·a[r] (rounded to the element
+// type) and dot[r] = Σ_c a[r, c]·h[r, c] in float32 (a block sum: deterministic).
+struct MoeGateBackwardArgs {
+  const void* a;       // (S, I) with element strides: dy[token]·w2[e]^T
+  int64_t a_stride_s, a_stride_i;
+  const void* h;       // (S, I) with element strides
+  int64_t h_stride_s, h_stride_i;
+  const float* scale;  // (S,): each row's gate
+  int64_t S, I;
+  void* dh;            // (S, I) contiguous
+  float* dot;          // (S,)
+  Dtype dtype;
+  cudaStream_t stream;
+};
+
+void moe_mlp_gate_backward(const MoeGateBackwardArgs& args);
+
 }  // namespace modekernels

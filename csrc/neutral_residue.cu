@@ -106,10 +106,9 @@ __global__ void glu_backward_kernel(const T* pre, int64_t pre_stride_t, int64_t 
   const int64_t n_pre = glu ? 2 * d_a : d_a;
   const int64_t dpre_cols = n_pre + (gate != kGateNone ? 1 : 0);
   for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
-    const float gv = g[row];
+    const float gv = g != nullptr ? g[row] : 1.0f;
     const T* pre_row = pre + row * pre_stride_t;
     const T* dh_row = dh + row * dh_stride_t;
-    T* gh_row = gh + row * d_a;
     T* dpre_row = dpre + row * dpre_cols;
     float dot = 0.0f;  // Σ dh·h
     for (int64_t c = threadIdx.x; c < d_a; c += blockDim.x) {
@@ -125,7 +124,7 @@ __global__ void glu_backward_kernel(const T* pre, int64_t pre_stride_t, int64_t 
         dpre_row[d_a + c] = from_float<T>(gv * dhv * act);
       }
       dot += dhv * hv;
-      gh_row[c] = from_float<T>(gv * hv);
+      if (gh != nullptr) gh[row * d_a + c] = from_float<T>(gv * hv);
       dpre_row[c] = from_float<T>(du);
     }
     if (gate != kGateNone) {
@@ -195,6 +194,8 @@ void neutral_residue_glu_backward(const NeutralGluBackwardArgs& a) {
   require(a.T >= 0 && a.d_a >= 0, "neutral_residue_glu_backward: bad sizes");
   require_activation(a.activation, "neutral_residue_glu_backward");
   require_gate(a.gate, true, "neutral_residue_glu_backward");
+  require(a.gate == kGateNone || (a.g != nullptr && a.extra != nullptr),
+          "neutral_residue_glu_backward: a gated block needs g and extra");
   if (a.T == 0) return;
   with_element_type(a.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;

@@ -65,19 +65,20 @@ void neutral_residue_output_epilogue(const NeutralOutputEpilogueArgs& args);
 
 // The elementwise step of the backward (reference.glu_backward): gh (T, d_a) = g·h and
 // dpre (T, n_pre + [gate]) = [du | dv | dz], contiguous, with dz = (Σ dh·h + extra)·gate'(g).
+// Also the expert MLP's activation backward: no row gate (g null), no gh, no dz.
 struct NeutralGluBackwardArgs {
   const void* pre;  // (T, n_pre), element strides
   int64_t pre_stride_t, pre_stride_a;
   const void* dh;  // (T, d_a), element strides
   int64_t dh_stride_t, dh_stride_a;
-  const float* g;      // (T,)
-  const float* extra;  // (T,)
+  const float* g;      // (T,), or null: a unit row gate
+  const float* extra;  // (T,), read only when gate is not none
   int64_t T, d_a;
   bool glu;
   int activation;
   int gate;
-  void* gh;
-  void* dpre;
+  void* gh;            // (T, d_a) contiguous, or null: not stored
+  void* dpre;          // (T, n_pre + [1 when gated]) contiguous
   Dtype dtype;
   cudaStream_t stream;
 };

@@ -231,16 +231,30 @@ class FakeC:
                                      dpre, dtype, stream):
         dt = DTYPES[dtype]
         n_pre = 2 * d_a if glu else d_a
+        assert gate == 0 or (g and extra), "a gated block needs g and extra"
         gh_rows, dpre_rows = ref_neutral_residue.glu_backward(
             _view(pre, dt, (T, n_pre), (pre_stride_t, pre_stride_a)),
             _view(dh, dt, (T, d_a), (dh_stride_t, dh_stride_a)),
-            _view(g, torch.float32, (T,), (1,)), _view(extra, torch.float32, (T,), (1,)),
+            _view(g, torch.float32, (T,), (1,)) if g else torch.ones(T),  # null: a unit gate
+            _view(extra, torch.float32, (T,), (1,)) if extra else torch.zeros(T),
             ACTIVATIONS[activation], glu, GATES[gate],
         )
-        _view(gh, dt, (T, d_a), (d_a, 1)).copy_(gh_rows)
+        if gh:  # null: not stored
+            _view(gh, dt, (T, d_a), (d_a, 1)).copy_(gh_rows)
         columns = dpre_rows.shape[1]
         assert columns == n_pre + (gate != 0)
         _view(dpre, dt, (T, columns), (columns, 1)).copy_(dpre_rows)
+
+
+    def moe_mlp_gate_backward(self, a, a_stride_s, a_stride_i, h, h_stride_s, h_stride_i, scale,
+                              S, I, dh, dot, dtype, stream):
+        dt = DTYPES[dtype]
+        dh_rows, dots = ref_moe_mlp.gate_backward(
+            _view(a, dt, (S, I), (a_stride_s, a_stride_i)),
+            _view(h, dt, (S, I), (h_stride_s, h_stride_i)), _view(scale, torch.float32, (S,), (1,)),
+        )
+        _view(dh, dt, (S, I), (I, 1)).copy_(dh_rows)
+        _view(dot, torch.float32, (S,), (1,)).copy_(dots)
 
 
 @pytest.fixture
@@ -388,6 +402,15 @@ def test_moe_mlp_identity_stage_skips_the_epilogue(fake_c, poisoned, monkeypatch
     h_ref, _ = ref_moe_mlp.moe_mlp_up(x, perm, offs, w, None, "identity", False, k, False)
     torch.testing.assert_close(h, h_ref, rtol=2e-2, atol=2e-2)
     assert pre.shape == (0, N)
+
+
+def test_moe_mlp_gate_backward_matches_the_reference(fake_c, poisoned):
+    S, inner = 9, 12
+    dh_unscaled = torch.randn(S, inner + 3)[:, :inner]  # strided rows
+    h, gate = torch.randn(inner, S).t(), torch.rand(S)  # h column-major
+    got = cuda_moe_mlp.gate_backward(dh_unscaled, h, gate)
+    want = ref_moe_mlp.gate_backward(dh_unscaled, h, gate)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 @pytest.mark.parametrize("gated", [False, True])

@@ -108,7 +108,26 @@ def activation_backward(
     dh: torch.Tensor, pre: torch.Tensor, activation: str, gated: bool
 ) -> torch.Tensor:
     """d pre (S, N1) in pre's dtype from dh (S, I) and the kept pre (S, N1), in one pass of the
-    neutral-residue block's CUDA GLU backward with a unit row gate (its g·h output, unused here,
-    is written to a scratch buffer)."""
-    ones = torch.ones(pre.shape[0], dtype=torch.float32, device=pre.device)
-    return glu_backward(pre, dh, ones, ones, activation, gated, "none")[1]
+    GLU backward kernel the neutral-residue block uses, without its row gate."""
+    return glu_backward(pre, dh, activation, gated)[1]
+
+
+def gate_backward(
+    dh_unscaled: torch.Tensor, h: torch.Tensor, sorted_gate: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dh = gate·dh_unscaled in h's dtype, Σ_c dh_unscaled·h (S,) float32) per sorted row, in
+    one pass; inputs validated by the op, any strides."""
+    S, inner = h.shape
+    dh = torch.empty((S, inner), dtype=h.dtype, device=h.device)
+    dot = torch.empty(S, dtype=torch.float32, device=h.device)
+    if S == 0:
+        return dh, dot
+    scale = sorted_gate.contiguous()
+    with torch.cuda.device(h.device):
+        _C.moe_mlp_gate_backward(
+            a=dh_unscaled.data_ptr(), a_stride_s=dh_unscaled.stride(0),
+            a_stride_i=dh_unscaled.stride(1), h=h.data_ptr(), h_stride_s=h.stride(0),
+            h_stride_i=h.stride(1), scale=scale.data_ptr(), S=S, I=inner, dh=dh.data_ptr(),
+            dot=dot.data_ptr(), dtype=_DTYPE_CODES[h.dtype], stream=current_stream(h.device),
+        )
+    return dh, dot

@@ -99,27 +99,46 @@ def neutral_residue(
     return y, g, l1, pre if keep_pre else x.new_empty(0, n_pre)
 
 
-def glu_backward(pre, dh_raw, g, dgate_extra, activation, glu, gate):
-    """:func:`modekernels.reference.neutral_residue.glu_backward` as one fused kernel."""
+def glu_backward(
+    pre: torch.Tensor,
+    dh: torch.Tensor,
+    activation: str,
+    glu: bool,
+    *,
+    row_gate: torch.Tensor | None = None,
+    gate: str = "none",
+    gate_extra: torch.Tensor | None = None,
+    with_gh: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(gh, dpre) for pre (T, I or 2·I) and dh (T, I), any strides, in one CUDA pass, as
+    :func:`modekernels.triton_kernels.glu_backward.glu_backward`: ``row_gate`` g (T,) scales each
+    row (None: 1), ``gate`` ("none", "relu", "sigmoid") adds dz and needs ``gate_extra`` (T,),
+    gh = g·h only ``with_gh`` (else None). dpre and gh contiguous in pre's dtype."""
     T = pre.shape[0]
-    d_a = dh_raw.shape[1]
-    gated = gate != "none"
-    gh = pre.new_empty(T, d_a)
-    dpre = pre.new_empty(T, pre.shape[1] + int(gated))
+    d_a = dh.shape[1]
+    gh = pre.new_empty(T, d_a) if with_gh else None
+    dpre = pre.new_empty(T, pre.shape[1] + int(gate != "none"))
     if T == 0:
         return gh, dpre
-    g = g.to(torch.float32).contiguous()
-    extra = dgate_extra.to(torch.float32).contiguous()
+    g = None if row_gate is None else row_gate.to(torch.float32).contiguous()
+    extra = None if gate_extra is None else gate_extra.to(torch.float32).contiguous()
     with torch.cuda.device(pre.device):
         _C.neutral_residue_glu_backward(
             pre=pre.data_ptr(), pre_stride_t=pre.stride(0), pre_stride_a=pre.stride(1),
-            dh=dh_raw.data_ptr(), dh_stride_t=dh_raw.stride(0), dh_stride_a=dh_raw.stride(1),
-            g=g.data_ptr(), extra=extra.data_ptr(), T=T, d_a=d_a, glu=glu,
-            activation=ACTIVATION_CODES[activation], gate=GATE_CODES[gate], gh=gh.data_ptr(),
+            dh=dh.data_ptr(), dh_stride_t=dh.stride(0), dh_stride_a=dh.stride(1),
+            g=_pointer(g), extra=_pointer(extra), T=T, d_a=d_a, glu=glu,
+            activation=ACTIVATION_CODES[activation], gate=GATE_CODES[gate], gh=_pointer(gh),
             dpre=dpre.data_ptr(), dtype=_DTYPE_CODES[pre.dtype],
             stream=current_stream(pre.device),
         )
     return gh, dpre
+
+
+def _glu_backward(pre, dh_raw, g, dgate_extra, activation, glu, gate):
+    """:func:`modekernels.reference.neutral_residue.glu_backward` as one fused kernel."""
+    return glu_backward(
+        pre, dh_raw, activation, glu, row_gate=g, gate=gate, gate_extra=dgate_extra, with_gh=True
+    )
 
 
 def neutral_residue_backward(
@@ -129,5 +148,5 @@ def neutral_residue_backward(
     elementwise kernel."""
     return reference.neutral_residue_backward(
         dy, dg, dl1, x, w_in, w_glu, w_out, w_gate, b_out, g, pre, activation, gate,
-        elementwise=glu_backward,
+        elementwise=_glu_backward,
     )

@@ -4,9 +4,9 @@ Registered as ``torch.ops.modekernels.moe_mlp_act_backward`` (d pre of the first
 and the kept pre-activation, through the activation or GLU) and
 ``torch.ops.modekernels.moe_mlp_gate_backward`` (the second stage's dh = gate·dy·w2ᵀ and the
 gate's row sums), each with a fake kernel. Written in eager torch these steps make several
-float32 temporaries the size of pre; the triton kernels read each input once and write each
-result once. The cuda backend runs the neutral-residue block's CUDA GLU backward for the first
-and the reference's torch ops for the second.
+float32 temporaries the size of pre; the triton and cuda kernels read each input once and
+write each result once (the first is the neutral-residue block's GLU backward without its row
+gate, on both backends).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ _gate_backward = backends.Dispatch(
     "moe_mlp_gate_backward",
     reference="modekernels.reference.moe_mlp:gate_backward",
     triton="modekernels.triton_kernels.moe_mlp:gate_backward",
-    cuda="modekernels.reference.moe_mlp:gate_backward",
+    cuda="modekernels.cuda.moe_mlp:gate_backward",
 )
 
 
