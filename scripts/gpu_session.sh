@@ -35,7 +35,8 @@ sanitize)
     for tool in memcheck racecheck; do
         MODEKERNELS_AUTOTUNE=0 compute-sanitizer --tool "$tool" --error-exitcode 1 python3 -m pytest -q -x \
             tests/test_grouped_mm.py tests/test_routing.py tests/test_moe_mlp.py \
-            tests/test_neutral_residue.py -k "cuda and not compile and not opcheck" "$@" \
+            tests/test_neutral_residue.py tests/test_moe_mlp_backward.py \
+            -k "cuda and not compile and not opcheck" "$@" \
             2>&1 | tail -40 | tee "$RESULTS/sanitize-$tool.log"
     done
     ;;
