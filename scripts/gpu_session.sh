@@ -3,6 +3,8 @@
 # worth keeping written under $RESULTS. Each stage stays under the device's 10-minute limit.
 #
 #   RESULTS=$OUT bash scripts/gpu_session.sh tests         # build + every test on the GPU
+#   RESULTS=$OUT TESTS="tests/test_grouped_mm.py tests/test_moe_mlp.py" bash scripts/gpu_session.sh tests
+#                                                          # ... or some of them (split a long run)
 #   RESULTS=$OUT bash scripts/gpu_session.sh sanitize      # compute-sanitizer over the cuda paths
 #   RESULTS=$OUT bash scripts/gpu_session.sh ops [-k EXPR] # kernel benchmarks -> JSON
 #   RESULTS=$OUT bash scripts/gpu_session.sh models        # model-level benchmarks -> JSON
@@ -29,7 +31,9 @@ python3 -m modekernels info | tee "$RESULTS/info.txt"
 case "$stage" in
 tests)
     # untuned kernels: each odd test shape would otherwise be a new autotune key (bench tunes)
-    MODEKERNELS_AUTOTUNE=0 python3 -m pytest tests -q -x --durations=15 "$@" 2>&1 | tee "$RESULTS/tests.log"
+    # shellcheck disable=SC2086  # TESTS is a list of paths
+    MODEKERNELS_AUTOTUNE=0 python3 -m pytest ${TESTS:-tests} -q -x --durations=15 "$@" 2>&1 \
+        | tee "$RESULTS/tests.log"
     ;;
 sanitize)
     for tool in memcheck racecheck; do
