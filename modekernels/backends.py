@@ -181,7 +181,8 @@ class Dispatch:
     ``supports`` optionally maps a backend to a predicate over the call's arguments that returns
     None when the backend can run them, else the reason (for example an unsupported dtype).
     ``prefer`` gives the automatic order on a CUDA device, fastest first: a tuple of backends or
-    a function of the device returning one (default :data:`TRITON_FIRST`).
+    a function of the device and the call's arguments returning one (default
+    :data:`TRITON_FIRST`).
     """
 
     def __init__(
@@ -189,7 +190,7 @@ class Dispatch:
         op: str,
         *,
         supports: dict[str, Callable[..., str | None]] | None = None,
-        prefer: tuple[str, ...] | Callable[[torch.device], tuple[str, ...]] = TRITON_FIRST,
+        prefer: tuple[str, ...] | Callable[[torch.device, Sequence], tuple[str, ...]] = TRITON_FIRST,
         **paths: str,
     ):
         unknown = set(paths) - set(BACKENDS)
@@ -224,7 +225,7 @@ class Dispatch:
             return backend
         if device.type != "cuda":
             return "reference"
-        order = self.prefer(device) if callable(self.prefer) else self.prefer
+        order = self.prefer(device, args) if callable(self.prefer) else self.prefer
         for candidate in order:
             reason = self._reason(candidate, device, args)
             if reason is None:

@@ -97,8 +97,9 @@ def test_automatic_choice_follows_the_preference_and_logs_each_fallback_once(mon
     reasons["cuda"] = None
     assert cuda_first.resolve(None, gpu) == "cuda"
     assert _dispatch().resolve(None, gpu) == "triton"  # TRITON_FIRST by default
-    by_device = _dispatch(prefer=lambda device: ("reference",))
-    assert by_device.resolve(None, gpu) == "reference"
+    by_call = _dispatch(prefer=lambda device, args: ("reference",) if args[0] > 3 else ("cuda",))
+    assert by_call.resolve(None, gpu, (5,)) == "reference"
+    assert by_call.resolve(None, gpu, (2,)) == "cuda"
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):

@@ -490,3 +490,26 @@ def test_sm80_weight_grad_matches_float64_reference(sm80_launches, backend, dtyp
             assert torch.all(dw[e] == 0), f"empty group {e} must get a zero gradient"
     runs_a_kernel = case.S > 0 and case.K > 0 and case.N > 0 and case.E > 0
     assert sm80_launches == ([_expected_family(case)] if runs_a_kernel else [])
+
+
+@pytest.mark.parametrize(
+    "capability, dtype, K, N, first",
+    [
+        ((9, 0), torch.bfloat16, 64, 128, "cuda"),
+        ((9, 0), torch.float16, 64, 128, "cuda"),
+        ((9, 0), torch.float32, 64, 128, "triton"),  # cuda would run its CUDA-core kernel
+        ((9, 0), torch.bfloat16, 60, 128, "triton"),  # rows of 120 bytes: no TMA
+        ((9, 0), torch.bfloat16, 64, 36, "triton"),
+        ((8, 0), torch.bfloat16, 64, 128, "triton"),
+        ((10, 0), torch.bfloat16, 64, 128, "triton"),
+    ],
+)
+def test_automatic_order_puts_cuda_first_where_cutlass_runs_on_hopper(monkeypatch, capability, dtype, K, N, first):
+    from modekernels.ops.grouped_mm import _fastest_first
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    x, w, dy = torch.empty(4, K, dtype=dtype), torch.empty(2, K, N, dtype=dtype), torch.empty(4, N, dtype=dtype)
+    offs = torch.tensor([1, 4], dtype=torch.int32)
+    gpu = torch.device("cuda", 0)
+    assert _fastest_first(gpu, (x, w, offs))[0] == first
+    assert _fastest_first(gpu, (x, dy, offs, None, None, None))[0] == first

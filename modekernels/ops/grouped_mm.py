@@ -7,7 +7,7 @@ fake kernel, and the forward with an autograd formula.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -20,12 +20,16 @@ from modekernels._checks import (
     check_tensor,
 )
 
-def _fastest_first(device: torch.device) -> tuple[str, ...]:
-    """On Hopper the cuda backend's CUTLASS 3 kernels (TMA + WGMMA) go first; on other GPUs its
-    CUTLASS 2.x kernels (mma.sync) and the Triton kernels both use tensor cores, and Triton goes
-    first until a measurement says otherwise."""
+def _fastest_first(device: torch.device, args: Sequence) -> tuple[str, ...]:
+    """cuda first where its Hopper CUTLASS 3 kernels (TMA + WGMMA) take the call: sm_90,
+    float16/bfloat16, K and N multiples of 8 (16-byte rows). Elsewhere Triton first: for float32
+    and odd widths the cuda backend would run its CUDA-core kernel, and on other GPUs its
+    CUTLASS 2.x kernels and Triton both use tensor cores (Triton until a measurement says
+    otherwise). args: the forward's (x, w, offs) or the weight gradient's (x, dy, offs, ...)."""
+    x, other = args[0], args[1]
     hopper = torch.cuda.get_device_capability(device) == (9, 0)
-    return backends.CUDA_FIRST if hopper else backends.TRITON_FIRST
+    cutlass = x.dtype in (torch.float16, torch.bfloat16) and x.shape[1] % 8 == 0 and other.shape[-1] % 8 == 0
+    return backends.CUDA_FIRST if hopper and cutlass else backends.TRITON_FIRST
 
 
 _forward = backends.Dispatch(
