@@ -187,6 +187,22 @@ def _gathered_product(
     return _moe_mlp_up_op(rows_of, perm, offs, w, None, "identity", False, top_k, False, backend)[0]
 
 
+def _bias_terms(
+    dy: torch.Tensor, b2: torch.Tensor, tokens: torch.Tensor, offs: torch.Tensor
+) -> torch.Tensor:
+    """<dy[token(r)], b2[expert(r)]> (S,) float32 for each sorted row r, 0 past offs[-1]: one
+    (T, H)·(H, E) product (each token's row read once, not k times) and a gather by the rows'
+    token and expert, found from offs on the device."""
+    num_experts = offs.shape[0]
+    if num_experts == 0:
+        return dy.new_zeros(tokens.shape[0], dtype=torch.float32)
+    per_token = torch.mm(dy, b2.t()).float()  # (T, E)
+    rows = torch.arange(tokens.shape[0], device=tokens.device, dtype=offs.dtype)
+    experts = torch.searchsorted(offs, rows, right=True)  # E for rows past offs[-1]
+    terms = per_token[tokens, experts.clamp(max=num_experts - 1)]
+    return torch.where(experts < num_experts, terms, 0.0)
+
+
 def _up_setup_context(ctx, inputs, output):
     x, perm, offs, w1, b1, activation, gated, top_k, keep, backend = inputs
     ctx.activation, ctx.gated, ctx.top_k = activation, gated, top_k
@@ -241,8 +257,7 @@ def _down_backward(ctx, dy):
             dh = None
         if ctx.needs_input_grad[5]:
             if b2 is not None:
-                bias_term = _gathered_product(dy, perm, offs, b2[:, :, None], top_k, ctx.backend)
-                dgate_sorted = dgate_sorted + bias_term[:, 0].float()
+                dgate_sorted = dgate_sorted + _bias_terms(dy, b2, tokens, offs)
             dgate = dgate_sorted[torch.argsort(perm)].view_as(gate).to(gate.dtype)
     # d of each sorted row's unscaled output: gate·dy[token], read through the index in place
     dout = {"dy_rows": tokens, "dy_scale": sorted_gate}
