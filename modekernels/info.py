@@ -31,6 +31,18 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def _extension() -> str:
+    """Whether modekernels._C is usable and, if so, the archs it holds and its GEMM families."""
+    error = backends.cuda_extension_error()
+    if error is not None:
+        return error
+    from modekernels import _C
+
+    archs = ", ".join(f"sm_{sm}" for sm in _C.built_archs())
+    gemms = "CUTLASS sm90 + sm80, SIMT" if _C.has_sm90_kernels() else "CUTLASS sm80, SIMT"
+    return f"built and importable (kernels for {archs}; grouped GEMMs: {gemms})"
+
+
 def collect() -> dict:
     """Versions, devices and, per device, each backend's availability (None) or the reason."""
     return {
@@ -49,7 +61,7 @@ def collect() -> dict:
             }
             for device in _devices()
         },
-        "cuda extension": backends.cuda_extension_error() or "built and importable",
+        "cuda extension": _extension(),
         "selected": backends.get_backend() or "automatic",
     }
 
