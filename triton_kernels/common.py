@@ -167,13 +167,9 @@ def max_programs(device: torch.device) -> int:
     return INTERPRETER_PROGRAMS
 
 
-
-ACTIVATION_CODES = {"identity": 0, "silu": 1, "gelu": 2, "relu": 3}
-
-
 @triton.jit
 def activate(z, ACTIVATION: tl.constexpr):
-    """The activation of code ACTIVATION (see ACTIVATION_CODES) applied to a float32 tile;
+    """The activation of code ACTIVATION (see modekernels.kernel_codes.ACTIVATION_CODES) applied to a float32 tile;
     gelu is the exact erf form."""
     if ACTIVATION == 1:
         z = z / (1.0 + tl.exp(-z))

@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from modekernels.triton_kernels.common import ACTIVATION_CODES, INTERPRETING, activate
+from modekernels.kernel_codes import ACTIVATION_CODES, GATE_CODES
+from modekernels.triton_kernels.common import INTERPRETING, activate
 
-GATE_CODES = {"none": 0, "relu": 1, "sigmoid": 2}
 _BLOCK_M = 16 if INTERPRETING else 32
 _BLOCK_N = 32 if INTERPRETING else 128
 

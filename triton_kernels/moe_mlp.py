@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from modekernels.kernel_codes import ACTIVATION_CODES
 from modekernels.triton_kernels.common import (
-    ACTIVATION_CODES,
     INTERPRETING,
     SharedMemoryPrune,
     accumulate_product,

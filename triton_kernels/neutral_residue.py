@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from modekernels.reference import neutral_residue as reference
+from modekernels.kernel_codes import ACTIVATION_CODES, GATE_CODES
 from modekernels.triton_kernels.common import (
-    ACTIVATION_CODES,
     INTERPRETING,
     SharedMemoryPrune,
     accumulate_product,
@@ -43,7 +43,7 @@ from modekernels.triton_kernels.common import (
     dot_options,
     tile_configs,
 )
-from modekernels.triton_kernels.glu_backward import GATE_CODES, glu_backward
+from modekernels.triton_kernels.glu_backward import glu_backward
 
 _GATE_COLUMNS = tl.constexpr(16)  # w_gate padded to the narrowest tl.dot operand
 # Fixed, not tuned: the row list places each row at its own slot of a BLOCK_M tile (so dense and

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import torch
 
-# The activation codes of csrc/activation.cuh.
-ACTIVATION_CODES = {"identity": 0, "silu": 1, "gelu": 2, "relu": 3}
-
 
 def current_stream(device: torch.device) -> int:
     """The handle of the current CUDA stream of ``device``, as the kernels' ``stream`` argument."""

@@ -20,9 +20,10 @@ from __future__ import annotations
 import torch
 
 from modekernels import _C
-from modekernels.cuda import ACTIVATION_CODES, current_stream
+from modekernels.cuda import current_stream
 from modekernels.cuda.grouped_mm import _DTYPE_CODES, grouped_mm
 from modekernels.cuda.neutral_residue import glu_backward
+from modekernels.kernel_codes import ACTIVATION_CODES
 
 
 def _bias_args(b: torch.Tensor | None) -> dict:

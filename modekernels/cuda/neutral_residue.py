@@ -32,11 +32,11 @@ from __future__ import annotations
 import torch
 
 from modekernels import _C
-from modekernels.cuda import ACTIVATION_CODES, current_stream
+from modekernels.cuda import current_stream
 from modekernels.cuda.grouped_mm import _DTYPE_CODES, grouped_mm
+from modekernels.kernel_codes import ACTIVATION_CODES, GATE_CODES
 from modekernels.reference import neutral_residue as reference
 
-GATE_CODES = {"none": 0, "relu": 1, "sigmoid": 2}
 
 
 def _pointer(t: torch.Tensor | None) -> int:
