@@ -181,8 +181,8 @@ size_t workspace_size(int64_t E, int sm_count) {
   return align_up(cutlass_bytes) + GroupArrays<G, Element>::bytes(E);
 }
 
-// Lays out the workspace, runs `prepare(arrays)` (which launches the prepare kernel), then the
-// GEMM.
+// Checks and lays out the workspace, runs `prepare(arrays)` (which launches the zero fill and the
+// prepare kernel), then the GEMM. Argument errors are raised before anything is launched.
 template <typename G, typename Element, typename Prepare>
 void run(int64_t E, int sm_count, void* workspace, size_t workspace_bytes, cudaStream_t stream,
          Prepare prepare) {
@@ -222,9 +222,7 @@ template <Dtype D>
 void grouped_mm_sm90(const GroupedMmArgs& p, int sm_count) {
   using Element = typename ElementOf<D>::type;
   if (p.S == 0 || p.N == 0) return;
-  zero_rows_past_last_group(p.y, sizeof(Element), p.offs, p.E, p.S, p.N, p.stream);
-  if (p.E == 0) return;
-  if (p.K == 0) {
+  if (p.E == 0 || p.K == 0) {
     check_cuda(cudaMemsetAsync(p.y, 0, p.S * p.N * sizeof(Element), p.stream), "cudaMemsetAsync");
     return;
   }
@@ -239,6 +237,8 @@ void grouped_mm_sm90(const GroupedMmArgs& p, int sm_count) {
     using G = decltype(gemm_tag);
     sm90::run<G, Element>(p.E, sm_count, p.workspace, p.workspace_bytes, p.stream,
                           [&](const sm90::GroupArrays<G, Element>& arrays) {
+                            zero_rows_past_last_group(p.y, sizeof(Element), p.offs, p.E, p.S, p.N,
+                                                      p.stream);
                             sm90::prepare_forward<G, Element>
                                 <<<prepare_blocks(p.E), kPrepareThreads, 0, p.stream>>>(
                                     arrays, x, w, p.offs, y, p.S, p.K, p.N, p.E, p.x_stride_s,
@@ -256,8 +256,11 @@ template <Dtype D>
 void grouped_mm_weight_grad_sm90(const WeightGradArgs& p, int sm_count) {
   using Element = typename ElementOf<D>::type;
   if (p.E == 0 || p.K == 0 || p.N == 0) return;
-  zero_empty_groups(p.dw, sizeof(Element), p.offs, p.E, p.S, p.K, p.N, p.stream);
-  if (p.S == 0) return;
+  if (p.S == 0) {
+    check_cuda(cudaMemsetAsync(p.dw, 0, p.E * p.K * p.N * sizeof(Element), p.stream),
+               "cudaMemsetAsync");
+    return;
+  }
   require_weight_grad_operands<Element>("sm90", p, /*aligned_k=*/false);
 
   using G = sm90::WeightGradGemm<Element>;
@@ -266,6 +269,8 @@ void grouped_mm_weight_grad_sm90(const WeightGradArgs& p, int sm_count) {
   auto* dw = static_cast<Element*>(p.dw);
   sm90::run<G, Element>(p.E, sm_count, p.workspace, p.workspace_bytes, p.stream,
                         [&](const sm90::GroupArrays<G, Element>& arrays) {
+                          zero_empty_groups(p.dw, sizeof(Element), p.offs, p.E, p.S, p.K, p.N,
+                                            p.stream);
                           sm90::prepare_weight_grad<G, Element>
                               <<<prepare_blocks(p.E), kPrepareThreads, 0, p.stream>>>(
                                   arrays, x, dy, p.offs, dw, p.S, p.K, p.N, p.E, p.x_stride_s,

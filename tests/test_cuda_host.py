@@ -5,8 +5,8 @@ documents. A wrong pointer, stride, layout, size or dtype code on the Python sid
 as a result that differs from the reference; the CUTLASS (sm90, sm80) emulators also enforce the
 C++ kernels' alignment preconditions, so the Python kernel choice must never pick a call the
 kernel would refuse. The
-real sm80 entry points are also called with arguments they must refuse on the host, before any
-launch. The kernels themselves are checked on a GPU by the op tests."""
+real sm80 and sm90 entry points are also called with arguments they must refuse on the host,
+before any launch. The kernels themselves are checked on a GPU by the op tests."""
 
 import contextlib
 import ctypes
@@ -20,9 +20,11 @@ REAL_C = pytest.importorskip("modekernels._C", reason="the CUDA extension is not
 from modekernels.cuda import grouped_mm as cuda_grouped_mm  # noqa: E402
 from modekernels.cuda import moe_mlp as cuda_moe_mlp  # noqa: E402
 from modekernels.cuda import neutral_residue as cuda_neutral_residue  # noqa: E402
+from modekernels.cuda import routing as cuda_routing  # noqa: E402
 from modekernels.reference import grouped_mm as ref_grouped_mm  # noqa: E402
 from modekernels.reference import moe_mlp as ref_moe_mlp  # noqa: E402
 from modekernels.reference import neutral_residue as ref_neutral_residue  # noqa: E402
+from modekernels.reference import routing as ref_routing  # noqa: E402
 
 DTYPES = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
 ACTIVATIONS = {0: "identity", 1: "silu", 2: "gelu", 3: "relu"}
@@ -245,6 +247,47 @@ class FakeC:
         assert columns == n_pre + (gate != 0)
         _view(dpre, dt, (T, columns), (columns, 1)).copy_(dpre_rows)
 
+    def routing_rows_per_chunk(self, entries):
+        return REAL_C.routing_rows_per_chunk(entries)
+
+    def routing_workspace_size(self, entries, E, rows_per_chunk):
+        return REAL_C.routing_workspace_size(entries=entries, E=E, rows_per_chunk=rows_per_chunk)
+
+    def route_top1(self, logits, T, E, stride_t, stride_e, dtype, capacity, rows_per_chunk, gate,
+                   aux_loss, z_loss, lse, expert_idx, perm, offs, tokens_per_expert, dropped,
+                   routed, workspace, workspace_bytes, stream):
+        assert workspace != 0 and workspace_bytes >= self.routing_workspace_size(
+            T, E, rows_per_chunk)
+        dt = DTYPES[dtype]
+        results = ref_routing.route_top1(_view(logits, dt, (T, E), (stride_t, stride_e)), capacity)
+        # What csrc/routing.h writes: each output contiguous, in these dtypes.
+        outputs = [(gate, dt, (T,)), (aux_loss, torch.float32, ()), (z_loss, torch.float32, ()),
+                   (lse, torch.float32, (T,)), (expert_idx, torch.int64, (T,)),
+                   (perm, torch.int64, (T,)), (offs, torch.int32, (E,)),
+                   (tokens_per_expert, torch.int32, (E,)), (dropped, torch.bool, (T,)),
+                   (routed, torch.int32, (E,))]
+        for (address, dt_out, shape), value in zip(outputs, results):
+            _view(address, dt_out, shape, (1,) * len(shape)).copy_(value)
+
+    def sort_by_expert(self, idx, idx_is_int64, n, E, rows_per_chunk, perm, offs, workspace,
+                       workspace_bytes, stream):
+        assert workspace != 0 and workspace_bytes >= self.routing_workspace_size(
+            n, E, rows_per_chunk)
+        flat = _view(idx, torch.int64 if idx_is_int64 else torch.int32, (n,), (1,))
+        sorted_perm, sorted_offs = ref_routing.sort_by_expert(flat, E)
+        _view(perm, torch.int64, (n,), (1,)).copy_(sorted_perm)
+        _view(offs, torch.int32, (E,), (1,)).copy_(sorted_offs)
+
+    def route_top1_backward(self, logits, T, E, stride_t, stride_e, dtype, lse, expert_idx,
+                            dropped, routed, grad_gate, grad_aux, grad_z, grad, stream):
+        dt = DTYPES[dtype]
+        result = ref_routing.route_top1_backward(
+            _view(logits, dt, (T, E), (stride_t, stride_e)), _view(lse, torch.float32, (T,), (1,)),
+            _view(expert_idx, torch.int64, (T,), (1,)), _view(dropped, torch.bool, (T,), (1,)),
+            _view(routed, torch.int32, (E,), (1,)), _view(grad_gate, torch.float32, (T,), (1,)),
+            _view(grad_aux, torch.float32, (), ()), _view(grad_z, torch.float32, (), ()),
+        )
+        _view(grad, dt, (T, E), (E, 1)).copy_(result)
 
     def moe_mlp_gate_backward(self, a, a_stride_s, a_stride_i, h, h_stride_s, h_stride_i, scale,
                               S, I, dh, dot, dtype, stream):
@@ -262,9 +305,9 @@ def fake_c(monkeypatch):
     """The cuda backend's modules run on CPU tensors over :class:`FakeC` (a Hopper GPU by
     default: ``monkeypatch.setattr(cuda_grouped_mm, "_device_facts", ...)`` to change it)."""
     fake = FakeC()
-    for module in (cuda_grouped_mm, cuda_moe_mlp, cuda_neutral_residue):
+    for module in (cuda_grouped_mm, cuda_moe_mlp, cuda_neutral_residue, cuda_routing):
         monkeypatch.setattr(module, "_C", fake)
-    for module in (cuda_moe_mlp, cuda_neutral_residue):
+    for module in (cuda_moe_mlp, cuda_neutral_residue, cuda_routing):
         monkeypatch.setattr(module, "current_stream", lambda device: 0)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream",
@@ -455,6 +498,35 @@ def test_neutral_residue_forward_and_backward_match_the_reference(fake_c, poison
     assert fake_c.calls.count("grouped_mm_simt") == 2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_routing_matches_the_reference(fake_c, poisoned, dtype):
+    T, E = 11, 4
+    logits = torch.randn(E, T, dtype=dtype).t()  # column-major
+    got = cuda_routing.route_top1(logits, 2, rows_per_chunk=3)  # capacity 2: tokens dropped
+    want = ref_routing.route_top1(logits, 2)
+    assert bool(want[8].any())
+    for actual, wanted in zip(got, want):
+        assert actual.dtype == wanted.dtype and torch.equal(actual, wanted)
+    grads = (torch.randn(2 * T, dtype=dtype)[::2], torch.tensor(0.3, dtype=dtype),
+             torch.tensor(-0.7))
+    args = (logits, want[3], want[4], want[8], want[9], *grads)
+    torch.testing.assert_close(cuda_routing.route_top1_backward(*args),
+                               ref_routing.route_top1_backward(*args), rtol=0, atol=0)
+    for empty, wanted in zip(cuda_routing.route_top1(logits[:0], 2),
+                             ref_routing.route_top1(logits[:0], 2)):
+        assert torch.equal(empty, wanted)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_sort_by_expert_matches_the_reference(fake_c, poisoned, index_dtype):
+    expert_idx = torch.randint(0, 5, (7, 2), dtype=index_dtype)
+    for rows_per_chunk in (3, None):
+        got = cuda_routing.sort_by_expert(expert_idx, 5, rows_per_chunk)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref_routing.sort_by_expert(expert_idx, 5)))
+    perm, offs = cuda_routing.sort_by_expert(expert_idx[:0], 5)
+    assert perm.shape == (0,) and offs.tolist() == [0] * 5
+
+
 def test_sizes_past_32_bits_take_the_generic_kernel(fake_c):
     """The sm90 kernels' problem shapes are 32-bit: larger operands go to the generic kernel."""
     rows = torch.empty(1, 8, dtype=torch.bfloat16).expand(2**31, 8)  # no memory behind the rows
@@ -509,3 +581,38 @@ def test_sm80_workspace_grows_with_the_groups():
     assert REAL_C.grouped_mm_sm80_workspace_size(E=100, dtype=1) == sizes[2]
     with pytest.raises(ValueError, match="no float32 version"):
         REAL_C.grouped_mm_sm80_workspace_size(E=1, dtype=0)
+
+
+# The same for the sm90 kernels (whose K needs no alignment). Without a GPU, a check that came
+# after a launch would raise the launch's RuntimeError instead.
+SM90_FORWARD = dict(SM80_FORWARD, workspace_bytes=1 << 20)
+SM90_WEIGHT_GRAD = dict(SM80_WEIGHT_GRAD, workspace_bytes=1 << 20)
+needs_sm90 = pytest.mark.skipif(not REAL_C.has_sm90_kernels(), reason="built without 90a")
+
+
+@needs_sm90
+@pytest.mark.parametrize("change, match", [
+    ({"x": 1026}, "16-byte aligned"),
+    ({"w_stride_n": 2}, "unit stride in its K or N"),
+    ({"x_stride_s": 20}, "multiples of 16 bytes"),
+    ({"N": 20, "w_stride_k": 20, "w_stride_e": 320}, "multiples of 16 bytes"),
+    ({"workspace_bytes": 64}, "workspace too small"),
+    ({"workspace": 4096 + 64}, "128-byte aligned"),
+    ({"dtype": 0}, "no float32 version"),
+], ids=["x_misaligned", "w_no_unit_stride", "x_row_stride", "N_odd", "small_workspace",
+        "workspace_misaligned", "float32"])
+def test_sm90_forward_refuses_bad_arguments_before_launching(change, match):
+    with pytest.raises(ValueError, match=match):
+        REAL_C.grouped_mm_sm90(**{**SM90_FORWARD, **change})
+
+
+@needs_sm90
+@pytest.mark.parametrize("change, match", [
+    ({"dw": 3080}, "16-byte aligned"),
+    ({"dy_stride_n": 2}, "unit column strides"),
+    ({"dy_stride_s": 28}, "multiples of 16 bytes"),
+    ({"workspace_bytes": 64}, "workspace too small"),
+], ids=["dw_misaligned", "dy_no_unit_stride", "dy_row_stride", "small_workspace"])
+def test_sm90_weight_grad_refuses_bad_arguments_before_launching(change, match):
+    with pytest.raises(ValueError, match=match):
+        REAL_C.grouped_mm_weight_grad_sm90(**{**SM90_WEIGHT_GRAD, **change})
