@@ -3,6 +3,7 @@ reference, ``torch._grouped_mm``, ``opcheck``, ``torch.compile`` and bad input."
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -180,6 +181,54 @@ def test_weight_grad_reads_gathered_scaled_rows(backend, dtype, case, gather):
             assert torch.all(dw[e] == 0)
 
 
+def _every_other(t: torch.Tensor, fill) -> torch.Tensor:
+    """t's values as a strided view (stride 2), interleaved with ``fill``."""
+    return torch.stack([t, torch.full_like(t, fill)], -1)[..., 0]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_strided_offsets_and_row_vectors(backend):
+    """offs, x_rows, dy_rows and dy_scale given as strided views are read as the views say."""
+    case = CASES[1]
+    x, w = make_inputs(case, torch.float32)
+    offs = _every_other(case.offs(), -7)
+    y = modekernels.grouped_mm(x, w, offs, backend=backend)
+    assert_matches(y, reference.grouped_mm(x.double(), w.double(), case.offs()), case.K)
+    x, dy, kwargs = _gathered_inputs(case, torch.float32, "both")
+    expected = reference.grouped_mm_weight_grad(*_explicit_rows(x, dy, **kwargs), case.offs())
+    kwargs = {k: _every_other(v, -7) for k, v in kwargs.items()}
+    dw = torch.ops.modekernels.grouped_mm_weight_grad(x, dy, offs, **kwargs, backend=backend)
+    assert_matches(dw, expected, max(case.sizes), scale=2.0)
+
+
+@pytest.mark.parametrize(
+    "offs, clamped",
+    [([-4, 6, 40], [0, 6, 11]), ([3, 12, 15], [3, 11, 11]), ([5, 3, 9], None)],
+    ids=["negative_and_past_S", "past_S", "decreasing"],
+)
+@pytest.mark.parametrize("backend", backend_params("triton", "cuda"))
+def test_unchecked_device_offsets_stay_in_bounds(backend, offs, clamped):
+    """Offsets are value-checked on the host only where the host can read them. Kernels given
+    invalid ones (as a device-side caller can) clamp every group into [0, S): nothing is read or
+    written outside the S rows, every output element is written, and offsets merely out of
+    range act as their clamped values. (Decreasing offsets make groups overlap; which group
+    then computes a shared row is the kernel's choice, so only the bounds are checked.)"""
+    kernels = importlib.import_module(
+        {"triton": "modekernels.triton_kernels.grouped_mm", "cuda": "modekernels.cuda.grouped_mm"}[backend]
+    )
+    S, K, N = 11, 16, 24
+    x, dy = torch.randn(S, K, device=DEVICE), torch.randn(S, N, device=DEVICE)
+    w = torch.randn(len(offs), K, N, device=DEVICE)
+    with poisoned_allocations():
+        y = kernels.grouped_mm(x, w, torch.tensor(offs, dtype=torch.int32, device=DEVICE))
+        dw = kernels.grouped_mm_weight_grad(x, dy, torch.tensor(offs, dtype=torch.int32, device=DEVICE))
+    assert y.isfinite().all() and dw.isfinite().all()
+    if clamped is not None:
+        clamped = torch.tensor(clamped, dtype=torch.int32, device=DEVICE)
+        assert_matches(y, reference.grouped_mm(x.double(), w.double(), clamped), K)
+        assert_matches(dw, reference.grouped_mm_weight_grad(x.double(), dy.double(), clamped), S)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "linear_weight"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -297,6 +346,15 @@ def test_triton_float32_follows_allow_tf32(backend):
         y = modekernels.grouped_mm(x, w, offs, backend=backend)  # TF32: about 1e-3 relative
     finally:
         matmul.allow_tf32 = saved
+    if hasattr(torch.backends, "fp32_precision"):  # torch >= 2.9: the new API, which makes
+        saved = matmul.fp32_precision  # reading allow_tf32 raise once it sets TF32
+        try:
+            matmul.fp32_precision = "tf32"
+            assert dot_options(torch.float32)["INPUT_PRECISION"] == "tf32"
+            matmul.fp32_precision = "ieee"
+            assert dot_options(torch.float32)["INPUT_PRECISION"] == "ieee"
+        finally:
+            matmul.fp32_precision = saved
     expected = reference.grouped_mm(x.double(), w.double(), offs)
     torch.testing.assert_close(y.double(), expected, rtol=5e-3, atol=5e-2)
 

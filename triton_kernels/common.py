@@ -1,6 +1,6 @@
 """Pieces shared by the Triton kernels: the interpreter switch, autotune configurations and their
-shared-memory pruning, tl.dot settings, the persistent grid size, the strided tile product and
-the activations.
+shared-memory pruning, tl.dot settings, the persistent grid size, the launch device guard, the
+strided tile product and the activations.
 """
 
 from __future__ import annotations
@@ -135,10 +135,19 @@ def accumulate_product(
     return acc
 
 
+def _tf32_allowed() -> bool:
+    """Whether PyTorch lets float32 matmuls use TF32. Its ``fp32_precision`` setting where it has
+    one (torch >= 2.9; it also reflects the legacy setters), since reading the legacy
+    ``allow_tf32`` raises once the new API has set TF32; else ``allow_tf32``."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    return matmul.allow_tf32 if precision is None else precision == "tf32"
+
+
 def dot_options(dtype: torch.dtype) -> dict:
     """tl.dot settings: TF32 for float32 only when PyTorch allows it; half-precision tiles
     widened to float32 under the interpreter."""
-    tf32 = dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+    tf32 = dtype != torch.float32 or _tf32_allowed()
     return {
         "INPUT_PRECISION": "tf32" if tf32 else "ieee",
         "DOT_IN_FP32": INTERPRETING and dtype != torch.float32,
@@ -165,6 +174,32 @@ def max_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return INTERPRETER_PROGRAMS
+
+
+def on_tensor_device(host):
+    """Decorates a host function whose first argument is a tensor so that its launches run with
+    that tensor's CUDA device current: Triton launches on the current device and its current
+    stream, so without it a tensor on cuda:1 would be handed to a kernel running on cuda:0."""
+
+    @functools.wraps(host)
+    def launch(first: torch.Tensor, *args, **kwargs):
+        if first.device.type != "cuda":
+            return host(first, *args, **kwargs)
+        with torch.cuda.device(first.device):
+            return host(first, *args, **kwargs)
+
+    return launch
+
+
+@triton.jit
+def group_end(offs_ptr, group, E, start, S):
+    """The end row of group ``group`` whose rows start at ``start``: offs[group] of the cumulative
+    end offsets offs (E,), or S for the tail group E (the rows past offs[E - 1]), clamped to
+    [start, S]. Offsets the host has checked pass unchanged; those only a device-side caller can
+    pass unchecked (decreasing, negative, past S) give empty or short groups, never an address
+    outside the S rows (as csrc/group_rows.cuh clamps them)."""
+    end = tl.load(offs_ptr + group, mask=group < E, other=S)
+    return tl.minimum(tl.maximum(end, start), S)
 
 
 @triton.jit

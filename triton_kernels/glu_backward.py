@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from modekernels.kernel_codes import ACTIVATION_CODES, GATE_CODES
-from modekernels.triton_kernels.common import INTERPRETING, activate
+from modekernels.triton_kernels.common import INTERPRETING, activate, on_tensor_device
 
 _BLOCK_M = 16 if INTERPRETING else 32
 _BLOCK_N = 32 if INTERPRETING else 128
@@ -95,6 +95,7 @@ def _glu_backward_kernel(
         tl.store(dz_ptrs, ((dot + extra) * slope).to(dpre_ptr.dtype.element_ty), mask=r_mask)
 
 
+@on_tensor_device
 def glu_backward(
     pre: torch.Tensor,
     dh: torch.Tensor,
@@ -118,7 +119,9 @@ def glu_backward(
         return gh, dpre
     unused = dpre  # never read or written when its constexpr switch is off
     _glu_backward_kernel[(triton.cdiv(T, _BLOCK_M),)](
-        pre, dh, unused if row_gate is None else row_gate, unused if gate_extra is None else gate_extra,
+        pre, dh,
+        unused if row_gate is None else row_gate.contiguous(),
+        unused if gate_extra is None else gate_extra.contiguous(),
         unused if gh is None else gh, dpre,
         T, DA,
         *pre.stride(), *dh.stride(), *((0, 0) if gh is None else gh.stride()), *dpre.stride(),

@@ -25,6 +25,8 @@ from modekernels.triton_kernels.common import (
     SharedMemoryPrune,
     accumulate_product,
     dot_options,
+    group_end,
+    on_tensor_device,
     persistent_grid,
     tile_configs,
 )
@@ -151,7 +153,7 @@ def _grouped_mm_kernel(
     w_group_ptr = w_ptr  # the group's (K, N) matrix
     for group in range(0, E + 1):
         is_expert = group < E
-        row_end = tl.load(offs_ptr + group, mask=is_expert, other=S)
+        row_end = group_end(offs_ptr, group, E, row_start, S)
         group_tiles = tl.cdiv(row_end - row_start, BLOCK_M) * n_tiles
         k_end = tl.where(is_expert, K, 0)  # the tail group reduces over nothing: zeros
         while tile < tiles_before + group_tiles:
@@ -249,8 +251,10 @@ def _grouped_mm_weight_grad_kernel(
     x_rows_ptr,
     dy_rows_ptr,
     dy_scale_ptr,
+    S,
     N,
     K,
+    E,
     stride_xs,
     stride_xk,
     stride_dys,
@@ -270,8 +274,8 @@ def _grouped_mm_weight_grad_kernel(
     """Program (e, k tile, n tile): dw[e, ks, ns] = X[rows_e, ks]^T @ DY[rows_e, ns], reducing
     over the group's rows BLOCK_M at a time; an empty group stores zeros."""
     group = tl.program_id(0)
-    row_start = tl.load(offs_ptr + group - 1, mask=group > 0, other=0)
-    row_end = tl.load(offs_ptr + group)
+    row_start = tl.minimum(tl.maximum(tl.load(offs_ptr + group - 1, mask=group > 0, other=0), 0), S)
+    row_end = group_end(offs_ptr, group, E, row_start, S)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     ns = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_mask = ks < K
@@ -310,11 +314,13 @@ def _grouped_mm_weight_grad_kernel(
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=k_mask[:, None] & n_mask[None, :])
 
 
+@on_tensor_device
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """y[r] = x[r] @ w[e] for the rows r of group e; the kernel zeroes rows at or past offs[-1].
 
     x (S, K), w (E, K, N), offs (E,) int32 cumulative end rows, validated by the op, any
-    strides -> y (S, N) in x's dtype, accumulated in float32.
+    strides (offs read as a contiguous copy where it is a strided view) -> y (S, N) in x's
+    dtype, accumulated in float32.
     """
     S, K = x.shape
     E, _, N = w.shape
@@ -322,11 +328,13 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     if y.numel() == 0:
         return y
     _grouped_mm_kernel[persistent_grid(S, E, N, x.device)](
-        x, w, y, offs, S, N, K, E, *x.stride(), *w.stride(), *y.stride(), **dot_options(x.dtype)
+        x, w, y, offs.contiguous(), S, N, K, E, *x.stride(), *w.stride(), *y.stride(),
+        **dot_options(x.dtype),
     )
     return y
 
 
+@on_tensor_device
 def grouped_mm_weight_grad(
     x: torch.Tensor,
     dy: torch.Tensor,
@@ -340,8 +348,9 @@ def grouped_mm_weight_grad(
     identity when None: the gathered rows are read in place, never copied.
 
     x (K columns), dy (N columns), the S rows indexed by x_rows / dy_rows (S,) int64, dy_scale
-    (S,) float32, offs (E,) int32, validated by the op, any strides -> dw (E, K, N) in x's
-    dtype, accumulated in float32.
+    (S,) float32, offs (E,) int32, validated by the op, any strides (the 1-D ones read as
+    contiguous copies where they are strided views) -> dw (E, K, N) in x's dtype, accumulated
+    in float32.
     """
     K = x.shape[1]
     N = dy.shape[1]
@@ -353,12 +362,13 @@ def grouped_mm_weight_grad(
     def grid(meta):
         return (E, triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(N, meta["BLOCK_N"]))
 
+    offs = offs.contiguous()
     _grouped_mm_weight_grad_kernel[grid](
         x, dy, dw, offs,
-        offs if x_rows is None else x_rows,  # never read unless GATHER_X, and so on
-        offs if dy_rows is None else dy_rows,
-        offs if dy_scale is None else dy_scale,
-        N, K, *x.stride(), *dy.stride(), *dw.stride(),
+        offs if x_rows is None else x_rows.contiguous(),  # never read unless GATHER_X, and so on
+        offs if dy_rows is None else dy_rows.contiguous(),
+        offs if dy_scale is None else dy_scale.contiguous(),
+        (x if x_rows is None else x_rows).shape[0], N, K, E, *x.stride(), *dy.stride(), *dw.stride(),
         GATHER_X=x_rows is not None, GATHER_DY=dy_rows is not None, SCALE_DY=dy_scale is not None,
         **dot_options(x.dtype),
     )

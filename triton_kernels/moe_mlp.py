@@ -31,6 +31,8 @@ from modekernels.triton_kernels.common import (
     accumulate_product,
     activate,
     dot_options,
+    group_end,
+    on_tensor_device,
     persistent_grid,
     tile_configs,
 )
@@ -112,15 +114,17 @@ def _moe_up_kernel(
     n_tiles = tl.cdiv(I, BLOCK_N // 2 if GATED else BLOCK_N)
     tiles_before = 0
     row_start = 0
+    w_group_ptr = w_ptr  # the group's (K, N) matrix and bias, advanced by pointer: no int32 product
+    b_group_ptr = b_ptr
     for group in range(0, E + 1):
         is_expert = group < E
-        row_end = tl.load(offs_ptr + group, mask=is_expert, other=S)
+        row_end = group_end(offs_ptr, group, E, row_start, S)
         group_tiles = tl.cdiv(row_end - row_start, BLOCK_M) * n_tiles
         k_end = tl.where(is_expert, K, 0)
         while tile < tiles_before + group_tiles:
             local = tile - tiles_before
             _up_tile(
-                x_ptr, perm_ptr, w_ptr + group * stride_we, b_ptr + group * stride_be, h_ptr, pre_ptr,
+                x_ptr, perm_ptr, w_group_ptr, b_group_ptr, h_ptr, pre_ptr,
                 row_start, row_end, local // n_tiles, local % n_tiles, k_end, is_expert, I, K, top_k,
                 stride_xt, stride_xk, stride_wk, stride_wn, stride_bn, stride_hs, stride_hn,
                 stride_ps, stride_pn,
@@ -130,6 +134,8 @@ def _moe_up_kernel(
             tile += num_programs
         tiles_before += group_tiles
         row_start = row_end
+        w_group_ptr += stride_we
+        b_group_ptr += stride_be
 
 
 @triton.jit
@@ -181,15 +187,17 @@ def _moe_down_kernel(
     n_tiles = tl.cdiv(N, BLOCK_N)
     tiles_before = 0
     row_start = 0
+    w_group_ptr = w_ptr  # as the up kernel's
+    b_group_ptr = b_ptr
     for group in range(0, E + 1):
         is_expert = group < E
-        row_end = tl.load(offs_ptr + group, mask=is_expert, other=S)
+        row_end = group_end(offs_ptr, group, E, row_start, S)
         group_tiles = tl.cdiv(row_end - row_start, BLOCK_M) * n_tiles
         k_end = tl.where(is_expert, K, 0)
         while tile < tiles_before + group_tiles:
             local = tile - tiles_before
             _down_tile(
-                h_ptr, perm_ptr, w_ptr + group * stride_we, b_ptr + group * stride_be, gate_ptr,
+                h_ptr, perm_ptr, w_group_ptr, b_group_ptr, gate_ptr,
                 out_ptr, row_start, row_end, local // n_tiles, local % n_tiles, k_end, is_expert, N,
                 stride_hs, stride_hk, stride_wk, stride_wn, stride_bn, stride_os, stride_on,
                 HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, DOT_IN_FP32,
@@ -197,6 +205,8 @@ def _moe_down_kernel(
             tile += num_programs
         tiles_before += group_tiles
         row_start = row_end
+        w_group_ptr += stride_we
+        b_group_ptr += stride_be
 
 
 @triton.jit
@@ -213,6 +223,7 @@ def _sum_slots_kernel(out_ptr, y_ptr, N, top_k, stride_ys, stride_yn, BLOCK: tl.
     tl.store(y_ptr + token.to(tl.int64) * stride_ys + cols * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@on_tensor_device
 def moe_mlp_up(
     x: torch.Tensor,
     perm: torch.Tensor,
@@ -225,7 +236,8 @@ def moe_mlp_up(
     keep_preactivation: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """h[r] = act(x[perm[r] // top_k] @ w1[e] + b1[e]) (GLU when gated) for the sorted rows r of
-    expert e; rows past offs[-1] zero. Inputs validated by the op, any strides. Returns
+    expert e; rows past offs[-1] zero. Inputs validated by the op, any strides (perm and offs
+    read as contiguous copies where they are strided views). Returns
     (h (S, I), pre (S, N1), or (0, N1) unless keep_preactivation), both in x's dtype."""
     S = perm.shape[0]
     E, K, N = w1.shape
@@ -236,7 +248,7 @@ def moe_mlp_up(
         return h, pre
     bias = b1 if b1 is not None else w1  # never read when HAS_BIAS is false
     _moe_up_kernel[persistent_grid(S, E, inner, x.device, gated)](
-        x, perm, offs, w1, bias, h, pre, S, N, inner, K, E, top_k,
+        x, perm.contiguous(), offs.contiguous(), w1, bias, h, pre, S, N, inner, K, E, top_k,
         *x.stride(), *w1.stride(), *(b1.stride() if b1 is not None else (0, 0)), *h.stride(),
         *(pre.stride() if keep_preactivation else (0, 0)),
         ACTIVATION=ACTIVATION_CODES[activation], GATED=gated, HAS_BIAS=b1 is not None,
@@ -245,6 +257,7 @@ def moe_mlp_up(
     return h, pre
 
 
+@on_tensor_device
 def moe_mlp_down(
     h: torch.Tensor,
     perm: torch.Tensor,
@@ -254,7 +267,8 @@ def moe_mlp_down(
     gate: torch.Tensor,
 ) -> torch.Tensor:
     """y[t] = Σ_j gate[t, j]·(h[r] @ w2[e] + b2[e]) over the sorted rows r holding slots t·k + j,
-    summed over j in order. Inputs validated by the op -> y (T, H) in h's dtype."""
+    summed over j in order. Inputs validated by the op, any strides (perm, offs and gate read
+    as contiguous copies where they are strided views) -> y (T, H) in h's dtype."""
     T, top_k = gate.shape
     S = perm.shape[0]
     E, K, N = w2.shape
@@ -264,7 +278,8 @@ def moe_mlp_down(
     out = y if top_k == 1 else torch.empty((S, N), dtype=torch.float32, device=h.device)
     bias = b2 if b2 is not None else w2[0]  # never read when HAS_BIAS is false
     _moe_down_kernel[persistent_grid(S, E, N, h.device)](
-        h, perm, offs, w2, bias, gate.reshape(-1), out, S, N, K, E,
+        h, perm.contiguous(), offs.contiguous(), w2, bias, gate.reshape(-1).contiguous(), out,
+        S, N, K, E,
         *h.stride(), *w2.stride(), *(b2.stride() if b2 is not None else (0, 0)), *out.stride(),
         HAS_BIAS=b2 is not None, **dot_options(h.dtype),
     )
@@ -308,6 +323,7 @@ def _gate_backward_kernel(
     tl.store(dot_ptr + rows, dot, mask=r_mask)
 
 
+@on_tensor_device
 def gate_backward(
     dh_unscaled: torch.Tensor, h: torch.Tensor, sorted_gate: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,7 +335,7 @@ def gate_backward(
     if S == 0:
         return dh, dot
     _gate_backward_kernel[(triton.cdiv(S, _ROWS_BLOCK_M),)](
-        dh_unscaled, h, sorted_gate, dh, dot, S, I,
+        dh_unscaled, h, sorted_gate.contiguous(), dh, dot, S, I,
         *dh_unscaled.stride(), *h.stride(), *dh.stride(),
         BLOCK_M=_ROWS_BLOCK_M, BLOCK_N=_ROWS_BLOCK_N,
     )

@@ -41,6 +41,7 @@ from modekernels.triton_kernels.common import (
     accumulate_product,
     activate,
     dot_options,
+    on_tensor_device,
     tile_configs,
 )
 from modekernels.triton_kernels.glu_backward import glu_backward
@@ -260,12 +261,14 @@ def _compact(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, count
 
 
+@on_tensor_device
 def neutral_residue(
     x, w_in, w_glu, w_out, w_gate, b_gate, b_in, b_glu, b_out, residual, activation, gate,
     sparse, keep_pre,
 ):
     """The forward of the op (arguments validated by the op): (y, g, l1, pre); see the module
-    docstring for the kernels and the gate-sparse path."""
+    docstring for the kernels and the gate-sparse path. The kernels read the bias vectors with
+    unit stride: strided views are copied first."""
     T, D = x.shape
     DA = w_in.shape[0]
     glu = w_glu is not None
@@ -286,9 +289,9 @@ def neutral_residue(
     some = x  # a placeholder pointer for absent optional tensors
     project_args = dict(
         w_in_ptr=w_in,
-        b_in_ptr=some if b_in is None else b_in,
+        b_in_ptr=some if b_in is None else b_in.contiguous(),
         w_glu_ptr=w_in if w_glu is None else w_glu,
-        b_glu_ptr=some if b_glu is None else b_glu,
+        b_glu_ptr=some if b_glu is None else b_glu.contiguous(),
         w_gate_ptr=some if w_gate is None else w_gate,
         b_gate_ptr=some if b_gate is None else b_gate,
         h_ptr=h,
@@ -345,7 +348,7 @@ def neutral_residue(
         y = x.new_empty(T, D)
         l1_parts = torch.empty(n_col_tiles, T, dtype=torch.float32, device=device)
     _output_kernel[(triton.cdiv(T, _BLOCK_M), n_col_tiles)](
-        h, rows, count, g, w_out, some if b_out is None else b_out,
+        h, rows, count, g, w_out, some if b_out is None else b_out.contiguous(),
         some if residual is None else residual, y, l1_parts,
         T, D, DA,
         *h.stride(), *w_out.stride(),

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from modekernels.triton_kernels.common import on_tensor_device
+
 # Elements of one (rows × experts) tile, the bounds of its row count, and the tile elements per
 # warp: 8 per thread keeps every kernel under ~100 registers without spills on sm_90.
 _TILE_ELEMENTS = 2048
@@ -224,6 +226,7 @@ def _route_backward_kernel(
     tl.store(out, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
+@on_tensor_device
 def route_top1(
     logits: torch.Tensor, capacity: int, blocking: Blocking | None = None
 ) -> tuple[torch.Tensor, ...]:
@@ -269,6 +272,7 @@ def route_top1(
     return outputs
 
 
+@on_tensor_device
 def sort_by_expert(
     expert_idx: torch.Tensor, num_experts: int, blocking: Blocking | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,6 +302,7 @@ def sort_by_expert(
     return perm, offs
 
 
+@on_tensor_device
 def route_top1_backward(
     logits: torch.Tensor,
     lse: torch.Tensor,
