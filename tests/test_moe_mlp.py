@@ -1,6 +1,7 @@
 """Tests of ``modekernels.moe_mlp`` and its two stage ops on every backend against the float64
 token-by-token oracle: forward, gradients, rows past offs[-1], determinism, ``opcheck``,
-``torch.compile`` and bad input."""
+``torch.compile``, a hypothesis property test, and bad input (moe_mlp's own table and a sweep over
+the public functions of the MoE path: grouped_mm, route_top1, sort_by_expert, hash_route)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import DEVICE, backend_params, poisoned_allocations
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 import modekernels
 from modekernels.ops import moe_mlp as ops
@@ -21,7 +25,8 @@ TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 class Case:
     """A moe_mlp problem. ``route``: "random" (k distinct experts per token), "one" (every
-    token on expert E - 1), "sparse" (experts 0 and 2 only, so others are empty)."""
+    token on expert E - 1), "sparse" (experts 0 and 2 only, so others are empty), "any" (drawn
+    with replacement: a token may pick one expert twice, experts may stay empty)."""
 
     def __init__(self, name, T, H, I, E, k, activation, gated, bias, route="random"):
         self.name, self.T, self.H, self.I, self.E, self.k = name, T, H, I, E, k
@@ -51,6 +56,8 @@ def make_inputs(case: Case, dtype: torch.dtype, linear_layout: bool = True):
         idx = torch.full((T, k), E - 1)
     elif case.route == "sparse":
         idx = torch.randint(0, 2, (T, k)) * 2
+    elif case.route == "any":
+        idx = torch.randint(0, E, (T, k))
     else:
         idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)]) if T else torch.zeros(0, k)
     idx = idx.long().to(DEVICE)
@@ -129,6 +136,80 @@ def test_gradients_match_float64_oracle(backend, case):
         assert_matches(got, want, case, scale=4.0)
 
 
+def token_loop_oracle(case: Case, x, idx, gate, w1, w2, b1, b2) -> torch.Tensor:
+    """y_t = Σ_j gate_tj·(h_tj @ w2[e] + b2[e]) one token and one choice at a time, in the
+    inputs' dtype (float64 in the tests): an oracle independent of any sort or grouped GEMM."""
+    act = getattr(F, case.activation)  # F.gelu is the exact erf GELU
+    idx, gate = idx.reshape(case.T, case.k), gate.reshape(case.T, case.k)
+    rows = []
+    for t in range(case.T):
+        y_t = x.new_zeros(case.H)
+        for j in range(case.k):
+            e = int(idx[t, j])
+            pre = x[t] @ w1[e] + (0 if b1 is None else b1[e])
+            h = act(pre[: case.I]) * pre[case.I:] if case.gated else act(pre)
+            y_t = y_t + gate[t, j] * (h @ w2[e] + (0 if b2 is None else b2[e]))
+        rows.append(y_t)
+    return torch.stack(rows) if rows else x.new_zeros(0, case.H)
+
+
+@st.composite
+def moe_cases(draw) -> Case:
+    """Small interpreter-sized problems: zero, one or an odd number of tokens, E not a power of
+    two, odd H and I, every activation, gated or not, with or without biases, and routings that
+    leave experts empty, repeat an expert within a token or put every token on one expert."""
+    E = draw(st.integers(1, 6))
+    k = draw(st.integers(1, min(E, 3)))
+    T = draw(st.sampled_from([0, 1, 2, 5, 7, 9, 12, 16, 19]))
+    H, I = draw(st.integers(1, 21)), draw(st.integers(1, 21))
+    activation = draw(st.sampled_from(["silu", "gelu", "relu"]))
+    gated, bias = draw(st.booleans()), draw(st.booleans())
+    route = draw(st.sampled_from(["random", "any", "one"]))
+    name = f"T{T}_H{H}_I{I}_E{E}_k{k}_{activation}_gated{gated}_bias{bias}_{route}"
+    return Case(name, T, H, I, E, k, activation, gated, bias, route)
+
+
+def _relayout(w: torch.Tensor, linear: bool) -> torch.Tensor:
+    """w (E, K, N) with the same values, contiguous or as a transposed view of (E, N, K)."""
+    return w.transpose(1, 2).contiguous().transpose(1, 2) if linear else w.contiguous()
+
+
+@pytest.mark.parametrize("backend", backend_params("reference", "triton"))
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=moe_cases(), linear=st.tuples(st.booleans(), st.booleans()),
+       index_dtype=st.sampled_from([torch.int64, torch.int32]), seed=st.integers(0, 2**31 - 1))
+@example(case=Case("one_token_k3_on_one_expert", 1, 7, 5, 5, 3, "gelu", True, True, "one"),
+         linear=(True, False), index_dtype=torch.int32, seed=1)
+@example(case=Case("odd_tokens_one_expert_E6", 11, 13, 9, 6, 1, "relu", False, True, "one"),
+         linear=(False, True), index_dtype=torch.int64, seed=2)
+def test_property_matches_token_loop_oracle(backend, case, linear, index_dtype, seed):
+    """Forward and the gradients of x, gate, w1, w2, b1, b2 in float32 against the float64
+    token loop, with every allocation of the op poisoned."""
+    torch.manual_seed(seed)
+    x, idx, gate, w1, w2, b1, b2 = make_inputs(case, torch.float32, linear_layout=False)
+    w1, w2, idx = _relayout(w1, linear[0]), _relayout(w2, linear[1]), idx.to(index_dtype)
+    leaves = [t.requires_grad_() for t in (x, gate, w1, w2, b1, b2) if t is not None]
+    dy = torch.randn(case.T, case.H, device=DEVICE)
+    with poisoned_allocations():
+        y = run(case, (x, idx, gate, w1, w2, b1, b2), backend)
+        grads = torch.autograd.grad(y, leaves, dy, allow_unused=True, materialize_grads=True)
+    wide = iter([t.detach().double().requires_grad_() for t in leaves])
+    full = [None if t is None else next(wide) for t in (x, gate, w1, w2, b1, b2)]
+    wide_leaves = [t for t in full if t is not None]
+    expected_y = token_loop_oracle(case, full[0], idx, *full[1:])
+    assert y.shape == (case.T, case.H) and y.dtype == torch.float32
+    assert_matches(y, expected_y, case)
+    if case.T:
+        expected = torch.autograd.grad(expected_y, wide_leaves, dy.double(), allow_unused=True,
+                                       materialize_grads=True)
+    else:
+        expected = [torch.zeros_like(t) for t in wide_leaves]
+    for got, want in zip(grads, expected):
+        assert got.shape == want.shape
+        assert_matches(got, want, case, scale=4.0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropped_rows_past_offs_contribute_nothing(backend):
     """Sorted rows at or past offs[-1] (capacity drops, expert-parallel sentinels) give zero
@@ -159,6 +240,27 @@ def test_bit_identical_across_runs(backend):
     inputs = make_inputs(case, torch.bfloat16)
     first, second = run(case, inputs, backend), run(case, inputs, backend)
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_gate_perm_and_offs(backend):
+    """A top-1 gate, perm and offs given as strided views (stride 2, poison between) are read as
+    the views say."""
+    case = Case("strided", 12, 8, 16, 3, 1, "silu", False, True, "any")
+    x, idx, gate, w1, w2, b1, b2 = make_inputs(case, torch.float32)
+
+    def every_other(t, fill):
+        return torch.stack([t, torch.full_like(t, fill)], -1)[..., 0]
+
+    expected = oracle(case, x, idx, gate, w1, w2, b1, b2)
+    assert_matches(run(case, (x, idx, every_other(gate, math.nan), w1, w2, b1, b2), backend),
+                   expected, case)
+    perm, offs = (every_other(t, -7) for t in modekernels.sort_by_expert(idx, case.E))
+    h = ops.moe_mlp_up(x, perm, offs, w1, b1, activation="silu", gated=False, top_k=1,
+                       backend=backend)
+    y = ops.moe_mlp_down(h, perm, offs, w2, every_other(gate, math.nan)[:, None], b2,
+                         backend=backend)
+    assert_matches(y, expected, case)
 
 
 def _opcheck_inputs(case: Case):
@@ -268,6 +370,73 @@ def test_stage_ops_reject_bad_slots():
     h = torch.randn(perm.shape[0], OPCHECK_CASE.I, device=DEVICE)
     with pytest.raises(ValueError, match=r"h.shape\[0\]"):
         ops.moe_mlp_down(h[:-1], perm, offs, w2, gate)
+
+
+def _args(op, **changes):
+    """Valid keyword arguments of ``op`` (CPU tensors, so value checks run on any machine), with
+    some replaced."""
+    valid = {
+        modekernels.grouped_mm: lambda: dict(
+            x=torch.randn(10, 8), w=torch.randn(3, 8, 6),
+            offs=torch.tensor([2, 5, 9], dtype=torch.int32)),
+        modekernels.route_top1: lambda: dict(logits=torch.randn(8, 3)),
+        modekernels.sort_by_expert: lambda: dict(
+            expert_idx=torch.tensor([[0, 1], [2, 0]]), num_experts=3),
+        modekernels.hash_route: lambda: dict(token_ids=torch.tensor([3, 9]), num_experts=4),
+        modekernels.moe_mlp: lambda: _bad(),
+    }[op]()
+    valid.update(changes)
+    return valid
+
+
+# (op, argument, how, changes, error, match): the cases the per-op tables above and in
+# test_grouped_mm.py / test_routing.py do not hold. Each error names the argument.
+BAD_INPUT_SWEEP = [
+    (modekernels.grouped_mm, "x", "not-a-tensor", dict(x=[[1.0] * 8] * 10), TypeError, "^x must be a torch.Tensor"),
+    (modekernels.grouped_mm, "w", "not-a-tensor", dict(w=1.0), TypeError, "^w must be a torch.Tensor"),
+    (modekernels.grouped_mm, "offs", "not-a-tensor", dict(offs=[2, 5, 9]), TypeError, "^offs must be a torch.Tensor"),
+    (modekernels.grouped_mm, "x", "int-dtype", dict(x=torch.ones(10, 8, dtype=torch.int64)), TypeError, "^x must have dtype"),
+    (modekernels.grouped_mm, "offs", "rank-0", dict(offs=torch.tensor(9, dtype=torch.int32)), ValueError, "^offs must have 1 dimensions"),
+    (modekernels.route_top1, "capacity_factor", "bool", dict(capacity_factor=True), ValueError, "^capacity_factor must be"),
+    (modekernels.route_top1, "logits", "rank-3", dict(logits=torch.randn(8, 3, 1)), ValueError, "^logits must have 2 dimensions"),
+    (modekernels.sort_by_expert, "expert_idx", "not-a-tensor", dict(expert_idx=[0, 1]), TypeError, "^expert_idx must be a torch.Tensor"),
+    (modekernels.sort_by_expert, "expert_idx", "int16", dict(expert_idx=torch.tensor([0, 1], dtype=torch.int16)), TypeError, "^expert_idx must have dtype"),
+    (modekernels.sort_by_expert, "expert_idx", "rank-0", dict(expert_idx=torch.tensor(1)), ValueError, r"^expert_idx must be \(T,\) or \(T, k\)"),
+    (modekernels.sort_by_expert, "num_experts", "float", dict(num_experts=3.0), ValueError, "^num_experts must be a positive int"),
+    (modekernels.sort_by_expert, "num_experts", "bool", dict(num_experts=True), ValueError, "^num_experts must be a positive int"),
+    (modekernels.hash_route, "token_ids", "not-a-tensor", dict(token_ids=[3, 9]), TypeError, "^token_ids must be a torch.Tensor"),
+    (modekernels.hash_route, "token_ids", "float", dict(token_ids=torch.tensor([3.0, 9.0])), TypeError, "^token_ids must have dtype"),
+    (modekernels.hash_route, "token_ids", "past-2**31", dict(token_ids=torch.tensor([2**40])), ValueError, r"^token_ids must lie in \[0, 2147483647\)"),
+    (modekernels.hash_route, "num_experts", "zero", dict(num_experts=0), ValueError, "^num_experts must be a positive int"),
+    (modekernels.hash_route, "table", "not-a-tensor", dict(table=[0, 1, 2, 3]), TypeError, "^table must be a torch.Tensor"),
+    (modekernels.hash_route, "table", "rank-2", dict(table=torch.zeros(10, 1, dtype=torch.int64)), ValueError, "^table must have 1 dimensions"),
+    (modekernels.moe_mlp, "x", "not-a-tensor", dict(x=[[1.0] * 8] * 4), TypeError, "^x must be a torch.Tensor"),
+    (modekernels.moe_mlp, "x", "rank-3", dict(x=torch.randn(4, 8, 1)), ValueError, "^x must have 2 dimensions"),
+    (modekernels.moe_mlp, "expert_idx", "rank-3", dict(expert_idx=torch.zeros(4, 2, 1, dtype=torch.int64), gate=torch.rand(4, 2, 1)), ValueError, r"^expert_idx must be \(T,\) or \(T, k\)"),
+    (modekernels.moe_mlp, "expert_idx", "k-zero", dict(expert_idx=torch.zeros(4, 0, dtype=torch.int64), gate=torch.rand(4, 0)), ValueError, r"^k = expert_idx.shape\[1\] = 0 must be in \[1, 3\]"),
+    (modekernels.moe_mlp, "gate", "int-dtype", dict(gate=torch.ones(4, 2, dtype=torch.int64)), TypeError, "^gate must have dtype"),
+    (modekernels.moe_mlp, "w1", "rank-2", dict(w1=torch.randn(8, 12)), ValueError, "^w1 must have 3 dimensions"),
+    (modekernels.moe_mlp, "w1", "odd-gated-columns", dict(w1=torch.randn(3, 8, 13)), ValueError, "gated w1 has 2·I columns"),
+    (modekernels.moe_mlp, "w1", "no-experts", dict(w1=torch.randn(0, 8, 12), w2=torch.randn(0, 6, 8)), ValueError, r"^k = expert_idx.shape\[1\] = 2 must be in \[1, 0\]"),
+    (modekernels.moe_mlp, "b1", "not-a-tensor", dict(b1=1.0), TypeError, "^b1 must be a torch.Tensor"),
+    (modekernels.moe_mlp, "b1", "rank-1", dict(b1=torch.randn(12)), ValueError, "^b1 must have 2 dimensions"),
+    (modekernels.moe_mlp, "b2", "not-a-tensor", dict(b2=[0.0] * 8), TypeError, "^b2 must be a torch.Tensor"),
+    (modekernels.moe_mlp, "gated", "not-a-bool", dict(gated="yes"), TypeError, "^gated must be a bool"),
+    (modekernels.moe_mlp, "gated", "none", dict(gated=None), TypeError, "^gated must be a bool"),
+]
+
+
+@pytest.mark.parametrize(
+    "op, changes, error, match",
+    [pytest.param(op, changes, error, match, id=f"{op.__name__}-{arg}-{how}")
+     for op, arg, how, changes, error, match in BAD_INPUT_SWEEP],
+)
+@pytest.mark.parametrize("backend", backend_params("reference", "triton"))
+def test_bad_input_sweep_names_the_argument(backend, op, changes, error, match):
+    """A Python exception naming the argument, raised at the op boundary before any backend
+    runs: never a RuntimeError from inside torch, never a silent result."""
+    with pytest.raises(error, match=match):
+        op(**_args(op, **changes), backend=backend)
 
 
 # --- modules: modekernels.nn.Top1Router, GroupedExperts, MoEMLP ---------------------------------

@@ -8,7 +8,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import DEVICE, backend_params, poisoned_allocations
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import modekernels
 from modekernels import BackendUnavailable
@@ -185,12 +188,109 @@ def test_gate_sparse_is_bit_identical_to_dense(backend, dtype, gate_bias, T):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_strided_vectors_are_read_by_stride(backend, sparse):
+    """Bias and gate vectors given as strided views (stride 2, NaN between) are read as the
+    views say."""
+    master = _inputs(21, 20, 6, True, "relu", True, True)
+    expected = _oracle(master, "silu", "relu")
+    t = _cast(master, torch.float32)
+    for name in ("w_gate", "b_in", "b_glu", "b_out"):
+        t[name] = torch.stack([t[name], torch.full_like(t[name], float("nan"))], -1)[..., 0]
+    for name, a, e in zip(("y", "g", "l1"), _call(t, "silu", "relu", backend, sparse), expected):
+        _assert_close(a, e, torch.float32, name)
+
+
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="checks the error for CPU tensors")
 def test_cuda_backend_needs_cuda_tensors():
     """The cuda backend exists for this op; on CPU tensors it declines, naming why."""
     t = _cast(_inputs(4, 8, 3, True, "relu", True, False), torch.float32)
     with pytest.raises(BackendUnavailable, match="needs CUDA tensors"):
         _call(t, "silu", "relu", "cuda")
+
+
+def _formula(t: dict, activation, gate):
+    """(y, g, l1) written out from the block's formula in the inputs' dtype (float64 here): an
+    oracle independent of modekernels.reference."""
+    x = t["x"]
+
+    def affine(w, b):
+        return x @ w.T if b is None else x @ w.T + b
+
+    h = getattr(F, activation)(affine(t["w_in"], t["b_in"]))  # F.gelu is the exact erf GELU
+    if t["w_glu"] is not None:
+        h = h * affine(t["w_glu"], t["b_glu"])
+    a = h @ t["w_out"].T + (0 if t["b_out"] is None else t["b_out"])
+    if gate == "none":
+        g = x.new_ones(x.shape[0])
+    else:
+        z = x @ t["w_gate"] + (0 if t["b_gate"] is None else t["b_gate"])
+        g = torch.relu(z) if gate == "relu" else torch.sigmoid(z)
+    y_a = g[:, None] * a
+    return y_a if t["residual"] is None else t["residual"] + y_a, g, y_a.abs().sum(1)
+
+
+@st.composite
+def residue_problems(draw) -> tuple:
+    """(T, d, d_adapter, glu, gate, activation, biases, residual, gate_bias): zero, one or an odd
+    number of rows, odd sizes, every option; the gate bias puts some, most or few ReLU gates at
+    exactly 0."""
+    return (
+        draw(st.sampled_from([0, 1, 2, 5, 7, 13, 21, 33])),
+        draw(st.integers(1, 40)),
+        draw(st.integers(1, 17)),
+        draw(st.booleans()),
+        draw(st.sampled_from(["relu", "sigmoid", "none"])),
+        draw(st.sampled_from(["silu", "gelu", "relu"])),
+        draw(st.booleans()),
+        draw(st.booleans()),
+        draw(st.sampled_from([-0.5, 0.1, 0.5])),
+    )
+
+
+@pytest.mark.parametrize("backend", backend_params("reference", "triton"))
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(problem=residue_problems(), seed=st.integers(0, 2**31 - 1))
+def test_property_matches_formula(backend, problem, seed):
+    """float32 forward (y, g, l1) and the gradient of every input through all three outputs
+    against the float64 formula, allocations poisoned; in inference the gate-sparse path equals
+    the dense one bit for bit."""
+    T, d, d_a, glu, gate, activation, biases, residual, gate_bias = problem
+    torch.manual_seed(seed)
+    master = _cast(_inputs(T, d, d_a, glu, gate, biases, residual, gate_bias=gate_bias),
+                   torch.float32)
+    exact = _cast(master, torch.float64, requires_grad=True)
+    expected = _formula(exact, activation, gate)
+    cotangents = _cotangents(*expected, torch.float32)
+    exact_leaves = [v for v in exact.values() if v is not None]
+    expected_grads = torch.autograd.grad(
+        sum((o * c).sum() for o, c in zip(expected, cotangents)), exact_leaves,
+        allow_unused=True, materialize_grads=True,
+    )
+
+    t = _cast(master, torch.float32, requires_grad=True)
+    leaves = [v for v in t.values() if v is not None]
+    with poisoned_allocations():
+        outputs = _call(t, activation, gate, backend)
+        grads = torch.autograd.grad(
+            sum((o.double() * c).sum() for o, c in zip(outputs, cotangents)), leaves,
+            allow_unused=True, materialize_grads=True,
+        )
+    for name, a, e in zip(("y", "g", "l1"), outputs, expected):
+        _assert_close(a, e, torch.float32, name)
+    names = [k for k, v in t.items() if v is not None]
+    for name, a, e, leaf in zip(names, grads, expected_grads, leaves):
+        assert a.dtype == leaf.dtype, name
+        _assert_close(a, e, torch.float32, f"d{name}", GRAD_TOLERANCE)
+
+    inference = _cast(master, torch.float32)
+    with torch.no_grad(), poisoned_allocations():
+        dense = _call(inference, activation, gate, backend)
+        sparse = _call(inference, activation, gate, backend, sparse=True)
+    for a, b in zip(dense, sparse):  # flattened: an empty output may have any strides
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 def _op_args(t: dict, activation, gate, sparse, keep_pre, backend):
@@ -271,6 +371,45 @@ def test_bad_input_names_the_argument(change, error, match):
 def test_bad_option_names_the_argument(activation, gate, match):
     with pytest.raises(ValueError, match=match):
         _call(_good(), activation, gate)
+
+
+# (argument, how, change, error, match): the cases the two tables above do not hold, on each
+# backend, through the public function. ``change`` edits the keyword arguments of a valid call.
+BAD_INPUT_SWEEP = [
+    ("x", "not-a-tensor", lambda t: t.update(x=t["x"].tolist()), TypeError, "^x must be a torch.Tensor"),
+    ("w_in", "none", lambda t: t.update(w_in=None), TypeError, "^w_in must be a torch.Tensor"),
+    ("w_in", "rank-3", lambda t: t.update(w_in=t["w_in"][..., None]), ValueError, "^w_in must have 2 dimensions"),
+    ("w_glu", "rank-1", lambda t: t.update(w_glu=t["w_glu"][0]), ValueError, "^w_glu must have 2 dimensions"),
+    ("w_out", "none", lambda t: t.update(w_out=None), TypeError, "^w_out must be a torch.Tensor"),
+    ("w_out", "rank-1", lambda t: t.update(w_out=t["w_out"][:, 0]), ValueError, "^w_out must have 2 dimensions"),
+    ("w_gate", "rank-2", lambda t: t.update(w_gate=t["w_gate"][None]), ValueError, "^w_gate must have 1 dimensions"),
+    ("w_gate", "python-float", lambda t: t.update(w_gate=1.0), TypeError, "^w_gate must be a torch.Tensor"),
+    ("b_gate", "python-float", lambda t: t.update(b_gate=0.1), TypeError, "^b_gate must be a torch.Tensor"),
+    ("b_gate", "without-w_gate", lambda t: t.update(w_gate=None, gate="none"), ValueError, "^b_gate was given without w_gate"),
+    ("b_in", "rank-2", lambda t: t.update(b_in=t["b_in"][None]), ValueError, "^b_in must have 1 dimensions"),
+    ("b_in", "list", lambda t: t.update(b_in=t["b_in"].tolist()), TypeError, "^b_in must be a torch.Tensor"),
+    ("residual", "rank-1", lambda t: t.update(residual=t["residual"][0]), ValueError, "^residual must have 2 dimensions"),
+    ("residual", "columns", lambda t: t.update(residual=t["residual"][:, :-1]), ValueError, r"^residual.shape\[1\] must be 10"),
+    ("residual", "float64", lambda t: t.update(residual=t["residual"].double()), TypeError, "^residual must have dtype float32"),
+    ("w_gate", "with-gate-none", lambda t: t.update(gate="none", b_gate=None), ValueError, "^w_gate must be given exactly"),
+    ("activation", "none", lambda t: t.update(activation=None), ValueError, "^activation must be one of"),
+    ("gate", "int", lambda t: t.update(gate=3), ValueError, "^gate must be one of"),
+    ("sparse", "str", lambda t: t.update(sparse="yes"), TypeError, "^sparse must be a bool"),
+]
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [pytest.param(*row[2:], id=f"{row[0]}-{row[1]}") for row in BAD_INPUT_SWEEP],
+)
+@pytest.mark.parametrize("backend", backend_params("reference", "triton"))
+def test_bad_input_sweep_names_the_argument(backend, change, error, match):
+    """A Python exception naming the argument, raised before any backend runs: never a
+    RuntimeError from inside torch or an AttributeError from a kernel, never a silent result."""
+    kwargs = dict(_good(), activation="silu", gate="relu")
+    change(kwargs)
+    with pytest.raises(error, match=match):
+        modekernels.neutral_residue(**kwargs, backend=backend)
 
 
 def test_backward_without_kept_preactivations_raises():

@@ -166,4 +166,5 @@ def grouped_mm(
     Offsets are value-checked (non-decreasing, within S) only for CPU tensors in eager mode; on
     CUDA they stay on the device and are not read by the host.
     """
+    _check_forward(x, w, offs)  # before the schema's less specific type errors
     return grouped_mm_op(x, w, offs, backends.requested(backend))

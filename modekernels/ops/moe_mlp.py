@@ -336,7 +336,7 @@ def moe_mlp_sorted(
     return moe_mlp_down(h, perm, offs, w2, gate, b2, backend=backend)
 
 
-def _check_routing(x, expert_idx, gate, w1, w2, activation, gated) -> None:
+def _check_routing(x, expert_idx, gate, w1, w2, b1, b2, activation, gated) -> None:
     check_tensor("x", x, rank=2, dtypes=FLOAT_DTYPES)
     check_tensor("expert_idx", expert_idx, dtypes=INDEX_DTYPES, device=x.device)
     if expert_idx.dim() not in (1, 2):
@@ -350,16 +350,21 @@ def _check_routing(x, expert_idx, gate, w1, w2, activation, gated) -> None:
     check_tensor("w1", w1, rank=3, dtypes=(x.dtype,), device=x.device)
     check_tensor("w2", w2, rank=3, dtypes=(x.dtype,), device=x.device)
     _check_activation(activation, ACTIVATIONS)
+    if not isinstance(gated, bool):
+        raise TypeError(f"gated must be a bool, got {gated!r}")
     num_experts = w1.shape[0]
     check_dim("w2.shape[0]", w2.shape[0], num_experts, "the number of experts E, w1.shape[0]")
     inner = w1.shape[2] // 2 if gated else w1.shape[2]
     check_dim("w2.shape[1]", w2.shape[1], inner, "I, w1.shape[2]" + (" / 2" if gated else ""))
     check_dim("w2.shape[2]", w2.shape[2], x.shape[1], "H, the columns of x")
     top_k = expert_idx.shape[1] if expert_idx.dim() == 2 else 1
-    if top_k > num_experts:
+    if not 1 <= top_k <= num_experts:
         raise ValueError(
-            f"k = expert_idx.shape[1] = {top_k} exceeds the number of experts {num_experts}"
+            f"k = expert_idx.shape[1] = {top_k} must be in [1, {num_experts}], the number of "
+            f"experts"
         )
+    _check_bias("b1", b1, x.dtype, x.device, (num_experts, w1.shape[2]))
+    _check_bias("b2", b2, x.dtype, x.device, (num_experts, x.shape[1]))
     check_index_range("expert_idx", expert_idx, num_experts, "the number of experts E")
 
 
@@ -395,7 +400,7 @@ def moe_mlp(
         y (T, H) in x's dtype, accumulated in float32; bit-identical from run to run (the sum
         over k runs in slot order, without atomics). Differentiable in x, gate, w1, w2, b1, b2.
     """
-    _check_routing(x, expert_idx, gate, w1, w2, activation, gated)
+    _check_routing(x, expert_idx, gate, w1, w2, b1, b2, activation, gated)
     top_k = expert_idx.shape[1] if expert_idx.dim() == 2 else 1
     perm, offs = sort_by_expert(expert_idx, w1.shape[0])
     return moe_mlp_sorted(x, perm, offs, gate.reshape(x.shape[0], top_k), w1, w2,

@@ -48,6 +48,7 @@ def _check_forward(
     d_a = w_in.shape[0]
     D = (d, "d, the columns of x")
     DA = (d_a, "d_adapter, w_in.shape[0]")
+    check_tensor("w_out", w_out)  # required: the optional check below would pass None
     _check_optional("w_glu", w_glu, (DA, D), x)
     _check_optional("w_out", w_out, (D, DA), x)
     _check_optional("w_gate", w_gate, (D,), x)
@@ -255,6 +256,9 @@ def neutral_residue(
     if gate is None:
         gate = "none" if w_gate is None else "relu"
     tensors = (x, w_in, w_glu, w_out, w_gate, b_gate, b_in, b_glu, b_out, residual)
+    _check_forward(*tensors, activation, gate)  # before the schema's less specific type errors
+    if not isinstance(sparse, bool):
+        raise TypeError(f"sparse must be a bool, got {sparse!r}")
     keep_pre = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in tensors
     )

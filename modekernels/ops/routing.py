@@ -129,7 +129,8 @@ def _check_logits(logits: object, capacity_factor: object) -> None:
         raise ValueError(f"logits must have at least one expert column, got shape "
                          f"{tuple(logits.shape)}")
     if capacity_factor is not None and not (
-        isinstance(capacity_factor, (int, float)) and math.isfinite(capacity_factor)
+        isinstance(capacity_factor, (int, float)) and not isinstance(capacity_factor, bool)
+        and math.isfinite(capacity_factor)
         and capacity_factor > 0
     ):
         raise ValueError(f"capacity_factor must be a positive finite number or None, got "
