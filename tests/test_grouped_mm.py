@@ -332,6 +332,22 @@ def test_random_group_splits(backend, sizes, tail, K, N, seed):
 
 
 @pytest.mark.parametrize("backend", backend_params("triton"))
+def test_triton_tunes_decode_and_training_row_counts_apart(backend):
+    """The grouped GEMMs' autotune key holds the mean rows per group as a power of two (capped),
+    so a decode step's tuning does not serve a training step's shapes, nor one per batch size."""
+    from modekernels.triton_kernels import grouped_mm as kernels
+    from modekernels.triton_kernels import moe_mlp as moe_kernels
+    from modekernels.triton_kernels.common import rows_bucket
+
+    assert [rows_bucket(rows, 8) for rows in (0, 1, 8, 9, 100, 128)] == [1, 1, 1, 2, 16, 16]
+    assert rows_bucket(32768, 8) == rows_bucket(1 << 30, 8) == 4096
+    assert rows_bucket(5, 0) == 8
+    for kernel in (kernels._grouped_mm_kernel, kernels._grouped_mm_weight_grad_kernel,
+                   moe_kernels._moe_up_kernel, moe_kernels._moe_down_kernel):
+        assert "rows_bucket" in kernel.keys
+
+
+@pytest.mark.parametrize("backend", backend_params("triton"))
 def test_triton_float32_follows_allow_tf32(backend):
     from modekernels.triton_kernels.common import dot_options
 

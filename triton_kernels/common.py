@@ -168,6 +168,14 @@ def persistent_grid(rows: int, groups: int, out_cols: int, device: torch.device,
     return grid
 
 
+def rows_bucket(rows: int, groups: int) -> int:
+    """The autotune key argument ``rows_bucket`` of the grouped GEMM kernels: the mean rows per
+    group rounded up to a power of two, at most 4096. A decode step (a few rows per expert) and
+    a training step (thousands) then tune apart, while batch sizes in one bucket share a tuning.
+    The kernels never read it."""
+    return min(triton.next_power_of_2(max(triton.cdiv(rows, max(groups, 1)), 1)), 4096)
+
+
 @functools.cache
 def max_programs(device: torch.device) -> int:
     """Programs of the persistent forward: one per SM on a GPU."""

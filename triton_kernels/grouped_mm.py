@@ -8,9 +8,9 @@ over its group's rows (an empty group stores zeros); the rows of x and dy may be
 index arrays and dy's scaled per row (``moe_mlp``'s backward: x[token], gate·dy[token]).
 
 Operands are addressed through their strides (``w`` may be a ``.transpose(1, 2)`` view, ``x`` any
-slice), products accumulate in float32, and float32 inputs follow
-``torch.backends.cuda.matmul.allow_tf32``. On a GPU the tile sizes are autotuned per (N, K,
-dtype, precision); under the Triton interpreter (``TRITON_INTERPRET=1``) one small configuration
+slice), products accumulate in float32, and float32 inputs use TF32 where PyTorch's float32
+matmul precision allows it. On a GPU the tile sizes are autotuned per (N, K, rows per group
+rounded to a power of two, dtype, precision); under the Triton interpreter (``TRITON_INTERPRET=1``) one small configuration
 runs, and half-precision tiles are widened to float32 before ``tl.dot``, whose bf16 path the
 interpreter gets wrong (triton-lang/triton#11584).
 """
@@ -28,6 +28,7 @@ from modekernels.triton_kernels.common import (
     group_end,
     on_tensor_device,
     persistent_grid,
+    rows_bucket,
     tile_configs,
 )
 
@@ -49,7 +50,7 @@ _WEIGHT_GRAD_TILES = [  # output tile BLOCK_K x BLOCK_N, reduction over a group'
     (64, 128, 64, 4, 4),
     (32, 128, 128, 4, 4),
 ]
-_AUTOTUNE_KEY = ["N", "K", "INPUT_PRECISION"]
+_AUTOTUNE_KEY = ["N", "K", "rows_bucket", "INPUT_PRECISION"]
 # Shared memory of one pipeline stage: the x and w tiles, or the x^T and dy tiles.
 FORWARD_PRUNE = SharedMemoryPrune(
     "x_ptr", lambda m: m["BLOCK_K"] * (m["BLOCK_M"] + m["BLOCK_N"])
@@ -127,6 +128,7 @@ def _grouped_mm_kernel(
     N,
     K,
     E,
+    rows_bucket,
     stride_xs,
     stride_xk,
     stride_we,
@@ -255,6 +257,7 @@ def _grouped_mm_weight_grad_kernel(
     N,
     K,
     E,
+    rows_bucket,
     stride_xs,
     stride_xk,
     stride_dys,
@@ -328,7 +331,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     if y.numel() == 0:
         return y
     _grouped_mm_kernel[persistent_grid(S, E, N, x.device)](
-        x, w, y, offs.contiguous(), S, N, K, E, *x.stride(), *w.stride(), *y.stride(),
+        x, w, y, offs.contiguous(), S, N, K, E, rows_bucket(S, E), *x.stride(), *w.stride(), *y.stride(),
         **dot_options(x.dtype),
     )
     return y
@@ -355,6 +358,7 @@ def grouped_mm_weight_grad(
     K = x.shape[1]
     N = dy.shape[1]
     E = offs.shape[0]
+    S = (x if x_rows is None else x_rows).shape[0]
     dw = torch.empty((E, K, N), dtype=x.dtype, device=x.device)
     if dw.numel() == 0:
         return dw
@@ -368,7 +372,7 @@ def grouped_mm_weight_grad(
         offs if x_rows is None else x_rows.contiguous(),  # never read unless GATHER_X, and so on
         offs if dy_rows is None else dy_rows.contiguous(),
         offs if dy_scale is None else dy_scale.contiguous(),
-        (x if x_rows is None else x_rows).shape[0], N, K, E, *x.stride(), *dy.stride(), *dw.stride(),
+        S, N, K, E, rows_bucket(S, E), *x.stride(), *dy.stride(), *dw.stride(),
         GATHER_X=x_rows is not None, GATHER_DY=dy_rows is not None, SCALE_DY=dy_scale is not None,
         **dot_options(x.dtype),
     )

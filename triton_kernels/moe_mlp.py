@@ -34,6 +34,7 @@ from modekernels.triton_kernels.common import (
     group_end,
     on_tensor_device,
     persistent_grid,
+    rows_bucket,
     tile_configs,
 )
 from modekernels.triton_kernels.glu_backward import glu_backward
@@ -95,13 +96,13 @@ def _up_tile(
 
 @triton.autotune(
     configs=tile_configs(FORWARD_TILES),
-    key=["N", "K", "GATED", "INPUT_PRECISION"],
+    key=["N", "K", "rows_bucket", "GATED", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": FORWARD_PRUNE},
 )
 @triton.jit
 def _moe_up_kernel(
     x_ptr, perm_ptr, offs_ptr, w_ptr, b_ptr, h_ptr, pre_ptr,
-    S, N, I, K, E, top_k,
+    S, N, I, K, E, top_k, rows_bucket,
     stride_xt, stride_xk, stride_we, stride_wk, stride_wn, stride_be, stride_bn,
     stride_hs, stride_hn, stride_ps, stride_pn,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, KEEP_PRE: tl.constexpr,
@@ -169,13 +170,13 @@ def _down_tile(
 
 @triton.autotune(
     configs=tile_configs(FORWARD_TILES),
-    key=["N", "K", "INPUT_PRECISION"],
+    key=["N", "K", "rows_bucket", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _DOWN_PRUNE},
 )
 @triton.jit
 def _moe_down_kernel(
     h_ptr, perm_ptr, offs_ptr, w_ptr, b_ptr, gate_ptr, out_ptr,
-    S, N, K, E,
+    S, N, K, E, rows_bucket,
     stride_hs, stride_hk, stride_we, stride_wk, stride_wn, stride_be, stride_bn,
     stride_os, stride_on,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -248,7 +249,7 @@ def moe_mlp_up(
         return h, pre
     bias = b1 if b1 is not None else w1  # never read when HAS_BIAS is false
     _moe_up_kernel[persistent_grid(S, E, inner, x.device, gated)](
-        x, perm.contiguous(), offs.contiguous(), w1, bias, h, pre, S, N, inner, K, E, top_k,
+        x, perm.contiguous(), offs.contiguous(), w1, bias, h, pre, S, N, inner, K, E, top_k, rows_bucket(S, E),
         *x.stride(), *w1.stride(), *(b1.stride() if b1 is not None else (0, 0)), *h.stride(),
         *(pre.stride() if keep_preactivation else (0, 0)),
         ACTIVATION=ACTIVATION_CODES[activation], GATED=gated, HAS_BIAS=b1 is not None,
@@ -279,7 +280,7 @@ def moe_mlp_down(
     bias = b2 if b2 is not None else w2[0]  # never read when HAS_BIAS is false
     _moe_down_kernel[persistent_grid(S, E, N, h.device)](
         h, perm.contiguous(), offs.contiguous(), w2, bias, gate.reshape(-1).contiguous(), out,
-        S, N, K, E,
+        S, N, K, E, rows_bucket(S, E),
         *h.stride(), *w2.stride(), *(b2.stride() if b2 is not None else (0, 0)), *out.stride(),
         HAS_BIAS=b2 is not None, **dot_options(h.dtype),
     )
