@@ -389,6 +389,8 @@ def test_every_kernel_and_branch_is_compiled(worker_output, results):
             for key, value in r["launch_constants"].items():
                 seen.setdefault((r["kernel"], key), set()).add(str(value))
     for (kernel, key), values in seen.items():
+        if kernel == "neutral_residue._project_gate_kernel" and key not in ("GATE", "HAS_B_GATE"):
+            continue  # the gate-only launch fixes the switches its gate tile never reads
         if key in ("ACTIVATION",):
             assert len(values) >= 3, (kernel, key, values)
         elif key in ("GATED", "GLU", "HAS_BIAS", "KEEP_PRE", "HAS_B_IN", "HAS_B_GLU", "HAS_B_GATE",

@@ -180,6 +180,17 @@ def _project_kernel(
                     )
 
 
+# The gate-only launch of gate-sparse mode (a (T, D)·(D, 16) product, bound by reading x): the
+# same kernel, untuned, in the first configuration. Tuning it would hand the adapter launches,
+# which share its autotune key, a configuration timed on the gate alone.
+_project_gate_kernel = _project_kernel.fn
+# It fixes the switches that only the u/v tiles read, so that one compilation serves them all.
+_GATE_ONLY_CONFIG = tile_configs(_PROJECT_TILES, names=("BLOCK_N", "BLOCK_K"))[0]
+_GATE_ONLY_SWITCHES = dict(
+    HAS_B_IN=False, GLU=False, HAS_B_GLU=False, ACTIVATION=ACTIVATION_CODES["identity"], KEEP_PRE=False
+)
+
+
 @triton.autotune(
     configs=tile_configs(_OUTPUT_TILES, names=("BLOCK_N", "BLOCK_K")),
     key=["D", "DA", "INPUT_PRECISION"],
@@ -326,9 +337,17 @@ def neutral_residue(
             return (triton.cdiv(T, _BLOCK_M), n)
 
         first_program = 0 if gate_programs else 1
-        _project_kernel[grid](
-            x, rows, count, first_program=first_program, BLOCK_M=_BLOCK_M, **project_args
-        )
+        if adapter_programs:
+            _project_kernel[grid](
+                x, rows, count, first_program=first_program, BLOCK_M=_BLOCK_M, **project_args
+            )
+        else:
+            config = _GATE_ONLY_CONFIG
+            _project_gate_kernel[grid](
+                x, rows, count, first_program=first_program, BLOCK_M=_BLOCK_M,
+                **{**project_args, **_GATE_ONLY_SWITCHES}, **config.kwargs,
+                num_warps=config.num_warps, num_stages=config.num_stages,
+            )
 
     rows, count = _all_rows(T, device)
     sparse = sparse and gated
