@@ -109,7 +109,7 @@ def _group_output_tile(
         INPUT_PRECISION,
         DOT_IN_FP32,
     )
-    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ys + cols[None, :] * stride_yn
+    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ys + cols.to(tl.int64)[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 

@@ -82,7 +82,7 @@ def _up_tile(
         bias = tl.load(b_ptr + w_cols * stride_bn, mask=out_cols < tl.where(is_expert, I, 0), other=0.0)
         acc += bias.to(tl.float32)[None, :]
     if KEEP_PRE:
-        pre_ptrs = pre_ptr + rows.to(tl.int64)[:, None] * stride_ps + w_cols[None, :] * stride_pn
+        pre_ptrs = pre_ptr + rows.to(tl.int64)[:, None] * stride_ps + w_cols.to(tl.int64)[None, :] * stride_pn
         tl.store(pre_ptrs, acc.to(pre_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
     if GATED:
         gate, up = tl.split(tl.reshape(acc, (BLOCK_M, OUT_N, 2)))
@@ -90,7 +90,7 @@ def _up_tile(
     else:
         h = activate(acc, ACTIVATION)
     cols = n_tile * OUT_N + tl.arange(0, OUT_N)
-    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hs + cols[None, :] * stride_hn
+    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hs + cols.to(tl.int64)[None, :] * stride_hn
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_mask[:, None] & (cols < I)[None, :])
 
 
@@ -164,7 +164,7 @@ def _down_tile(
         acc += bias.to(tl.float32)[None, :]
     gate = tl.load(gate_ptr + slots, mask=rows < tl.where(is_expert, row_end, 0), other=0.0)
     out = tl.where(is_expert, acc * gate.to(tl.float32)[:, None], 0.0)
-    out_ptrs = out_ptr + slots.to(tl.int64)[:, None] * stride_os + cols[None, :] * stride_on
+    out_ptrs = out_ptr + slots.to(tl.int64)[:, None] * stride_os + cols.to(tl.int64)[None, :] * stride_on
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
@@ -221,7 +221,8 @@ def _sum_slots_kernel(out_ptr, y_ptr, N, top_k, stride_ys, stride_yn, BLOCK: tl.
     for _ in range(0, top_k):
         acc += tl.load(row_ptr, mask=mask, other=0.0)
         row_ptr += N
-    tl.store(y_ptr + token.to(tl.int64) * stride_ys + cols * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    y_ptrs = y_ptr + token.to(tl.int64) * stride_ys + cols.to(tl.int64) * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @on_tensor_device
@@ -315,12 +316,12 @@ def _gate_backward_kernel(
     for c0 in range(0, I, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         mask = r_mask[:, None] & (cols < I)[None, :]
-        a = tl.load(a_ptr + r64 * stride_as + cols[None, :] * stride_ai, mask=mask, other=0.0)
+        a = tl.load(a_ptr + r64 * stride_as + cols.to(tl.int64)[None, :] * stride_ai, mask=mask, other=0.0)
         a = a.to(tl.float32)
-        h = tl.load(h_ptr + r64 * stride_hs + cols[None, :] * stride_hi, mask=mask, other=0.0)
+        h = tl.load(h_ptr + r64 * stride_hs + cols.to(tl.int64)[None, :] * stride_hi, mask=mask, other=0.0)
         dot += tl.sum(a * h.to(tl.float32), axis=1)
         dh = (scale[:, None] * a).to(dh_ptr.dtype.element_ty)
-        tl.store(dh_ptr + r64 * stride_ds + cols[None, :] * stride_di, dh, mask=mask)
+        tl.store(dh_ptr + r64 * stride_ds + cols.to(tl.int64)[None, :] * stride_di, dh, mask=mask)
     tl.store(dot_ptr + rows, dot, mask=r_mask)
 
 

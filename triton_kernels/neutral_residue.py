@@ -167,10 +167,10 @@ def _project_kernel(
                     ]
                 h = h * acc_v
             out_mask = valid[:, None] & c_mask[None, :]
-            h_ptrs = h_ptr + pos.to(tl.int64)[:, None] * stride_ht + cols[None, :] * stride_ha
+            h_ptrs = h_ptr + pos.to(tl.int64)[:, None] * stride_ht + cols.to(tl.int64)[None, :] * stride_ha
             tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=out_mask)
             if KEEP_PRE:
-                p_ptrs = pre_ptr + rows.to(tl.int64)[:, None] * stride_pt + cols[None, :] * stride_pa
+                p_ptrs = pre_ptr + rows.to(tl.int64)[:, None] * stride_pt + cols.to(tl.int64)[None, :] * stride_pa
                 tl.store(p_ptrs, acc_u.to(pre_ptr.dtype.element_ty), mask=out_mask)
                 if GLU:
                     tl.store(
@@ -230,12 +230,12 @@ def _output_kernel(
         out_mask = valid[:, None] & c_mask[None, :]
         y = y_a
         if HAS_RESIDUAL:
-            r_ptrs = r_ptr + rows.to(tl.int64)[:, None] * stride_rt + cols[None, :] * stride_rd
+            r_ptrs = r_ptr + rows.to(tl.int64)[:, None] * stride_rt + cols.to(tl.int64)[None, :] * stride_rd
             r = tl.load(r_ptrs, mask=out_mask, other=0.0).to(tl.float32)
             y = r + y_a
             if GATED:
                 y = tl.where(off, r, y)
-        y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_yt + cols[None, :] * stride_yd
+        y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_yt + cols.to(tl.int64)[None, :] * stride_yd
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=out_mask)
         tl.store(l1_ptr + n_tile.to(tl.int64) * T + rows, tl.sum(tl.abs(y_a), axis=1), mask=valid)
 

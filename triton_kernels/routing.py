@@ -82,7 +82,7 @@ def _route_rows_kernel(
     for tile in range(TILES):
         rows = (pid * TILES + tile) * BLOCK_T + tl.arange(0, BLOCK_T)
         row_ok = rows < num_tokens
-        ptrs = logits_ptr + rows.to(tl.int64)[:, None] * stride_t + cols[None, :] * stride_e
+        ptrs = logits_ptr + rows.to(tl.int64)[:, None] * stride_t + cols.to(tl.int64)[None, :] * stride_e
         x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=float("-inf"))
         x = tl.where(row_ok[:, None], x.to(tl.float32), 0.0)  # no -inf rows, hence no NaN
         row_max = tl.max(x, 1)
@@ -204,7 +204,7 @@ def _route_backward_kernel(
     col_ok = cols < num_experts
     mask = row_ok[:, None] & col_ok[None, :]
     rows64 = rows.to(tl.int64)
-    x = tl.load(logits_ptr + rows64[:, None] * stride_t + cols[None, :] * stride_e, mask=mask,
+    x = tl.load(logits_ptr + rows64[:, None] * stride_t + cols.to(tl.int64)[None, :] * stride_e, mask=mask,
                 other=float("-inf")).to(tl.float32)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     probs = tl.exp(x - lse[:, None])
