@@ -398,7 +398,10 @@ def moe_mlp(
 
     Returns:
         y (T, H) in x's dtype, accumulated in float32; bit-identical from run to run (the sum
-        over k runs in slot order, without atomics). Differentiable in x, gate, w1, w2, b1, b2.
+        over k runs in slot order, without atomics) for the same kernel configuration: the
+        tile sizes Triton's autotuning picks in one process may differ in another, which can
+        change the last bits (``MODEKERNELS_AUTOTUNE=0`` fixes them). Differentiable in x,
+        gate, w1, w2, b1, b2.
     """
     _check_routing(x, expert_idx, gate, w1, w2, b1, b2, activation, gated)
     top_k = expert_idx.shape[1] if expert_idx.dim() == 2 else 1
