@@ -1,5 +1,6 @@
 """Model surgery on tiny Hugging Face models of every supported family: the patching core,
-neutral residues, adapters, AdaMix, unpatch, freezing, repr, training and torch.compile."""
+neutral residues, adapters, AdaMix, unpatch, freezing, repr, training, generation and
+torch.compile."""
 
 from __future__ import annotations
 
@@ -278,6 +279,27 @@ def test_torch_compile_matches_eager(name):
         out = compiled(ids).logits
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mh.neutral_residue_loss(model, mask), eager_loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["neutral_residue", "adapter", "adamix", "domain_experts"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen3"])
+def test_generate_with_the_kv_cache_matches_generate_without(name, method):
+    """A patched decoder generates with the KV cache (one new token per step through the added
+    modules, MoDE's expert layers included) exactly as it does recomputing every prefix."""
+    model = build(name)
+    surgeries()[method](model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.1)
+    ids = batch(batch_size=2, seq=5)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                  pad_token_id=0)
+    with torch.no_grad():
+        cached = model.generate(ids, **kwargs)
+        recomputed = model.generate(ids, use_cache=False, **kwargs)
+    assert cached.shape == (2, 10)
+    assert torch.equal(cached, recomputed)
 
 
 def test_triton_interpreter_runs_through_a_patched_model():
