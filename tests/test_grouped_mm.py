@@ -393,6 +393,11 @@ BAD_INPUTS = [
     ("x_rank", _bad(x=torch.randn(10, 8, 1)), ValueError, "x must have 2 dimensions"),
     ("w_rank", _bad(w=torch.randn(8, 6)), ValueError, "w must have 3 dimensions"),
     ("offs_rank", _bad(offs=torch.tensor([[2, 5, 9]], dtype=torch.int32)), ValueError, "offs must"),
+    ("offs_rank0", _bad(offs=torch.tensor(9, dtype=torch.int32)), ValueError, "^offs must have 1 dimensions"),
+    ("x_int", _bad(x=torch.ones(10, 8, dtype=torch.int64)), TypeError, "^x must have dtype"),
+    ("x_list", _bad(x=[[1.0] * 8] * 10), TypeError, "^x must be a torch.Tensor"),
+    ("w_float", _bad(w=1.0), TypeError, "^w must be a torch.Tensor"),
+    ("offs_list", _bad(offs=[2, 5, 9]), TypeError, "^offs must be a torch.Tensor"),
     ("K_mismatch", _bad(w=torch.randn(3, 7, 6)), ValueError, r"w\.shape\[1\] must be 8"),
     ("offs_int64", _bad(offs=torch.tensor([2, 5, 9])), TypeError, "offs must have dtype int32"),
     (

@@ -472,7 +472,8 @@ def test_compile_fullgraph_matches_eager(backend):
     (torch.randint(0, 3, (8, 3)), TypeError, "logits must have dtype"),
     (torch.randn(8, 0), ValueError, "at least one expert"),
     ("logits", TypeError, "logits must be a torch.Tensor"),
-], ids=["rank", "float64", "int", "no-experts", "not-a-tensor"])
+    (torch.randn(8, 3, 1), ValueError, "logits must have 2 dimensions"),
+], ids=["rank", "float64", "int", "no-experts", "not-a-tensor", "rank-3"])
 def test_route_top1_rejects_bad_logits(logits, error, match):
     if isinstance(logits, torch.Tensor):
         logits = logits.to(DEVICE)
@@ -480,7 +481,7 @@ def test_route_top1_rejects_bad_logits(logits, error, match):
         modekernels.route_top1(logits)
 
 
-@pytest.mark.parametrize("capacity_factor", [0.0, -1.0, math.inf, math.nan, "1"], ids=str)
+@pytest.mark.parametrize("capacity_factor", [0.0, -1.0, math.inf, math.nan, "1", True], ids=str)
 def test_route_top1_rejects_bad_capacity_factor(capacity_factor):
     with pytest.raises((ValueError, TypeError), match="capacity_factor"):
         modekernels.route_top1(torch.randn(8, 3, device=DEVICE), capacity_factor=capacity_factor)
@@ -493,10 +494,18 @@ def test_route_top1_rejects_bad_capacity_factor(capacity_factor):
     (torch.zeros(2, 2, 2, dtype=torch.int64), 3, ValueError, r"\(T,\) or \(T, k\)"),
     (torch.zeros(4, 4, dtype=torch.int64), 3, ValueError, "k must be at most num_experts"),
     (torch.zeros(4, dtype=torch.int64), 0, ValueError, "num_experts must be a positive int"),
-], ids=["too-high", "negative", "float", "rank-3", "k-above-E", "no-experts"])
+    ([0, 1], 3, TypeError, "expert_idx must be a torch.Tensor"),
+    (torch.tensor([0, 1], dtype=torch.int16), 3, TypeError, "expert_idx must have dtype"),
+    (torch.tensor(1), 3, ValueError, r"expert_idx must be \(T,\) or \(T, k\)"),
+    (torch.zeros(4, dtype=torch.int64), 3.0, ValueError, "num_experts must be a positive int"),
+    (torch.zeros(4, dtype=torch.int64), True, ValueError, "num_experts must be a positive int"),
+], ids=["too-high", "negative", "float", "rank-3", "k-above-E", "no-experts", "list", "int16",
+        "rank-0", "float-E", "bool-E"])
 def test_sort_by_expert_rejects_bad_input(expert_idx, num_experts, error, match):
+    if isinstance(expert_idx, torch.Tensor):
+        expert_idx = expert_idx.to(DEVICE)
     with pytest.raises(error, match=match):
-        modekernels.sort_by_expert(expert_idx.to(DEVICE), num_experts, backend="reference")
+        modekernels.sort_by_expert(expert_idx, num_experts, backend="reference")
 
 
 def test_hash_route_rejects_bad_input():
@@ -513,6 +522,18 @@ def test_hash_route_rejects_bad_input():
         modekernels.hash_route(torch.tensor([-1]), 4)
     with pytest.raises(ValueError, match="vocab_size must be a positive int"):
         modekernels.make_hash_table(0, 4)
+    with pytest.raises(TypeError, match="token_ids must be a torch.Tensor"):
+        modekernels.hash_route([3, 9], 4)
+    with pytest.raises(TypeError, match="token_ids must have dtype"):
+        modekernels.hash_route(torch.tensor([3.0, 9.0]), 4)
+    with pytest.raises(ValueError, match=r"token_ids must lie in \[0, 2147483647\)"):
+        modekernels.hash_route(torch.tensor([2**40]), 4)
+    with pytest.raises(ValueError, match="num_experts must be a positive int"):
+        modekernels.hash_route(torch.tensor([3, 9]), 0)
+    with pytest.raises(TypeError, match="table must be a torch.Tensor"):
+        modekernels.hash_route(torch.tensor([3, 9]), 4, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="table must have 1 dimensions"):
+        modekernels.hash_route(torch.tensor([3, 9]), 4, torch.zeros(10, 1, dtype=torch.int64))
 
 
 @pytest.mark.parametrize("backend, limit", [
