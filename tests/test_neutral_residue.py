@@ -458,7 +458,7 @@ def test_module_matches_the_op_and_trains(backend):
         y, g, l1 = module(x)
         y_op, g_op, l1_op = modekernels.neutral_residue(
             x.reshape(21, 20), module.w_in, module.w_glu, module.w_out, module.w_gate,
-            module.b_gate, b_in=module.b_in, b_glu=module.b_glu, b_out=module.b_out,
+            module.b_gate.view(()), b_in=module.b_in, b_glu=module.b_glu, b_out=module.b_out,
             activation="gelu",
         )
         torch.testing.assert_close(y, y_op.view(3, 7, 20))

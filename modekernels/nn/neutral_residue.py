@@ -15,7 +15,8 @@ class NeutralResidue(nn.Module):
 
     Parameters: w_in, w_glu (d_adapter, d_model) (w_glu only with ``glu``), b_in, b_glu
     (d_adapter,), w_out (d_model, d_adapter), b_out (d_model,), and with a gate w_gate
-    (d_model,), b_gate (). The paper's initialisation: W_out = 0 and b_out = 0, so the output is
+    (d_model,), b_gate (1,) (passed to the op as its () scalar; FSDP2's ``fully_shard`` cannot
+    shard 0-d parameters). The paper's initialisation: W_out = 0 and b_out = 0, so the output is
     exactly zero at initialisation; w_in, w_glu and w_gate ~ N(0, 1/(d_model·num_layers));
     the other biases zero.
 
@@ -47,7 +48,7 @@ class NeutralResidue(nn.Module):
         self.b_out = nn.Parameter(torch.zeros(d_model))
         gated = gate != "none"
         self.w_gate = nn.Parameter(torch.randn(d_model) * std) if gated else None
-        self.b_gate = nn.Parameter(torch.zeros(())) if gated else None
+        self.b_gate = nn.Parameter(torch.zeros(1)) if gated else None
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
@@ -59,7 +60,7 @@ class NeutralResidue(nn.Module):
             self.w_glu,
             self.w_out,
             self.w_gate,
-            self.b_gate,
+            None if self.b_gate is None else self.b_gate.view(()),
             b_in=self.b_in,
             b_glu=self.b_glu,
             b_out=self.b_out,
