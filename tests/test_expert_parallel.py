@@ -146,6 +146,9 @@ def _worker(rank: int, world: int, port: int, cases: dict, out_dir: str) -> None
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # Skip interpreter finalisation: gloo's worker threads can still hold Python-owned tensors
+    # there, whose release then aborts the process (pytorch/pytorch#179291).
+    os._exit(0)
 
 
 def _free_port() -> int:

@@ -107,6 +107,10 @@ def _worker(rank: int, case: str, init_file: str, out_dir: str) -> None:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
         raise
+    # Skip interpreter finalisation: gloo's worker threads can still hold Python-owned tensors
+    # there (FSDP2's asynchronous reduce-scatters), whose release then aborts the process with
+    # "terminate called without an active exception" (pytorch/pytorch#179291).
+    os._exit(0)
 
 
 def _run_sharded(case: str, tmp_path) -> list:
