@@ -42,6 +42,7 @@ FORWARD_TILES = [  # output tile BLOCK_M x BLOCK_N, reduction over K by BLOCK_K
     (64, 128, 64, 4, 3),
     (128, 64, 64, 4, 4),
     (128, 128, 32, 8, 3),  # float32: the others spill registers when tl.dot runs ieee (on FMAs)
+    (16, 64, 128, 4, 4),  # decode: a few rows per expert, bound by reading the weights once
 ]
 _WEIGHT_GRAD_TILES = [  # output tile BLOCK_K x BLOCK_N, reduction over a group's rows by BLOCK_M
     (64, 128, 128, 4, 3),
