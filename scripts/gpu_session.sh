@@ -10,8 +10,9 @@
 #   RESULTS=$OUT bash scripts/gpu_session.sh models        # model-level benchmarks -> JSON
 #   RESULTS=$OUT bash scripts/gpu_session.sh demo          # the demo, --device cuda --large
 #
-# The nvidia-cutlass headers come from a wheel carried in .whl/ (pip download --no-deps -d .whl
-# nvidia-cutlass==4.2.0.0), since the GPU machine has no network.
+# The nvidia-cutlass headers, and pytest-xdist for the tests stage, come from wheels carried in
+# .whl/ (pip download --no-deps --only-binary=:all: -d .whl nvidia-cutlass==4.2.0.0 pytest-xdist
+# execnet), since the GPU machine has no network.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 : "${RESULTS:?set RESULTS to the folder to bring back}"
@@ -30,10 +31,14 @@ python3 -m modekernels info | tee "$RESULTS/info.txt"
 
 case "$stage" in
 tests)
-    # untuned kernels: each odd test shape would otherwise be a new autotune key (bench tunes)
+    # untuned kernels: each odd test shape would otherwise be a new autotune key (bench tunes).
+    # With pytest-xdist, WORKERS processes share the GPU and compile the Triton variants in
+    # parallel (Triton's disk cache is shared between them).
+    parallel=()
+    if python3 -c "import xdist" 2>/dev/null; then parallel=(-n "${WORKERS:-8}"); fi
     # shellcheck disable=SC2086  # TESTS is a list of paths
-    MODEKERNELS_AUTOTUNE=0 python3 -m pytest ${TESTS:-tests} -q -x --durations=15 "$@" 2>&1 \
-        | tee "$RESULTS/tests.log"
+    MODEKERNELS_AUTOTUNE=0 python3 -m pytest ${TESTS:-tests} -q -x --durations=15 "${parallel[@]}" "$@" \
+        2>&1 | tee "$RESULTS/tests.log"
     ;;
 sanitize)
     for tool in memcheck racecheck; do

@@ -140,13 +140,15 @@ def run_benchmarks(options: RunOptions) -> tuple[int, Path | None]:
         print(f"modekernels bench: no benchmark files for that choice in {bench_dir}", file=sys.stderr)
         return 4, None
     sets = [name for name, on in (("ops", options.ops), ("models", options.models)) if on] or ["ops", "models"]
-    env = dict(os.environ)
+    # an xdist worker's variables would make pytest-benchmark think it runs under xdist
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
     if options.quick:
         env["MODEKERNELS_BENCH_QUICK"] = "1"
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "bench.json"
+        # never parallel: pytest-benchmark switches itself off under xdist
         command = [sys.executable, "-m", "pytest", *map(str, files), "-q", "-p", "no:cacheprovider",
-                   f"--rootdir={bench_dir}"]
+                   "-p", "no:xdist", f"--rootdir={bench_dir}"]
         if options.keyword:
             command += ["-k", options.keyword]
         command += options.pytest_args
