@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import activations
+from transformers.integrations.moe import _default_apply_gate
 
 from modekernels.ops.grouped_mm import grouped_mm
 from modekernels.ops.moe_mlp import slot_order_sum, moe_mlp_down, moe_mlp_up
@@ -34,9 +36,9 @@ IMPLEMENTATION = "modekernels"
 
 
 def _kernel_activation(act_fn: object) -> str | None:
-    """The kernels' name for a transformers activation module, or None if they lack it."""
-    from transformers import activations
-
+    """The kernels' name for a transformers activation module, or None if they lack it. (The
+    transformers imports sit at module level: torch.compile cannot trace an import of
+    transformers' lazy modules, and breaks the graph there.)"""
     silu = tuple(c for c in (nn.SiLU, getattr(activations, "SiLUActivation", None)) if c)
     if isinstance(act_fn, silu):
         return "silu"
@@ -52,8 +54,6 @@ def _kernel_activation(act_fn: object) -> str | None:
 def _fused_activation(module: nn.Module) -> str | None:
     """The activation to fuse into the first GEMM, or None when torch must apply the gate."""
     if module.has_gate:
-        from transformers.integrations.moe import _default_apply_gate
-
         if getattr(type(module), "_apply_gate", None) is not _default_apply_gate:
             return None
     return _kernel_activation(getattr(module, "act_fn", None))
