@@ -10,9 +10,9 @@ index arrays and dy's scaled per row (``moe_mlp``'s backward: x[token], gate·dy
 Operands are addressed through their strides (``w`` may be a ``.transpose(1, 2)`` view, ``x`` any
 slice), products accumulate in float32, and float32 inputs use TF32 where PyTorch's float32
 matmul precision allows it. On a GPU the tile sizes are autotuned per (N, K, rows per group
-rounded to a power of two, dtype, precision); under the Triton interpreter (``TRITON_INTERPRET=1``) one small configuration
-runs, and half-precision tiles are widened to float32 before ``tl.dot``, whose bf16 path the
-interpreter gets wrong (triton-lang/triton#11584).
+rounded to a power of two, dtype, precision); under the Triton interpreter
+(``TRITON_INTERPRET=1``) one small configuration runs, and half-precision tiles are widened to
+float32 before ``tl.dot``, whose bf16 path the interpreter gets wrong (triton-lang/triton#11584).
 """
 
 from __future__ import annotations
@@ -332,8 +332,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     if y.numel() == 0:
         return y
     _grouped_mm_kernel[persistent_grid(S, E, N, x.device)](
-        x, w, y, offs.contiguous(), S, N, K, E, rows_bucket(S, E), *x.stride(), *w.stride(), *y.stride(),
-        **dot_options(x.dtype),
+        x, w, y, offs.contiguous(), S, N, K, E, rows_bucket(S, E),
+        *x.stride(), *w.stride(), *y.stride(), **dot_options(x.dtype),
     )
     return y
 
