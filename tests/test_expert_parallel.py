@@ -6,15 +6,11 @@ save their results and the reference, and the tests below compare them."""
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-import time
 
+import gloo_world
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
 from modekernels.nn import ExpertParallelExperts, GroupedExperts, MoEMLP
@@ -135,45 +131,17 @@ def _indivisible_case() -> str:
     return "no error"
 
 
-def _worker(rank: int, world: int, port: int, cases: dict, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        results = {name: _experts_case(spec, rank, world) for name, spec in cases.items()}
-        if world == 2:
-            results["moe_mlp_capacity"] = _moe_case(rank, world)
-            results["indivisible"] = _indivisible_case()
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-    # Skip interpreter finalisation: gloo's worker threads can still hold Python-owned tensors
-    # there, whose release then aborts the process (pytorch/pytorch#179291).
-    os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, world: int, cases: dict, out_dir: str) -> None:
+    gloo_world.join(rank, world, out_dir)
+    results = {name: _experts_case(spec, rank, world) for name, spec in cases.items()}
+    if world == 2:
+        results["moe_mlp_capacity"] = _moe_case(rank, world)
+        results["indivisible"] = _indivisible_case()
+    gloo_world.leave(results, rank, out_dir)
 
 
 def _run_world(world: int, cases: dict, out_dir) -> list[dict]:
-    context = mp.start_processes(_worker, args=(world, _free_port(), cases, str(out_dir)),
-                                 nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + WORLD_TIMEOUT_S
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {world}-process world did not finish in {WORLD_TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-            process.join(5)
-            if process.is_alive():
-                process.kill()
-                process.join()
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+    return gloo_world.run_world(_worker, (world, cases, str(out_dir)), world, out_dir, WORLD_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,9 @@ and their updates equal the single-process model's.
 
 from __future__ import annotations
 
-import os
-import time
-import traceback
-from datetime import timedelta
-
+import gloo_world
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from hf_models import build
 from test_hf_experts import tiny_model
 
@@ -32,8 +26,8 @@ STEPS = 2
 BATCH, SEQ = 4, 6  # the whole batch; each rank takes BATCH // WORLD sequences
 LR = 1.0
 ALPHA = 2.0  # weight of the neutral-residue loss
-JOIN_TIMEOUT_S = 120  # a hung collective fails the test instead of hanging CI
-COLLECTIVE_TIMEOUT = timedelta(seconds=90)
+WORLD_TIMEOUT_S = 120  # the whole world, spawn included; a hang fails instead of blocking CI
+COLLECTIVE_TIMEOUT_S = 90
 
 
 def _mixtral():
@@ -80,67 +74,26 @@ def _train(model, loss_fn, part=slice(None)):
     return torch.stack(losses)
 
 
-def _worker(rank: int, case: str, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, case: str, out_dir: str) -> None:
     """One rank: shard, train on its rows of each batch, save the gathered parameters."""
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-        torch.set_num_threads(1)
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        dist.init_process_group(
-            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-            timeout=COLLECTIVE_TIMEOUT,
-        )
-        mesh = init_device_mesh("cpu", (WORLD,))
-        model, loss_fn = CASES[case]()
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        rows = BATCH // WORLD
-        losses = _train(model, loss_fn, slice(rank * rows, (rank + 1) * rows))
-        params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
-        torch.save({"losses": losses, "params": params}, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    # Skip interpreter finalisation: gloo's worker threads can still hold Python-owned tensors
-    # there (FSDP2's asynchronous reduce-scatters), whose release then aborts the process with
-    # "terminate called without an active exception" (pytorch/pytorch#179291).
-    os._exit(0)
-
-
-def _run_sharded(case: str, tmp_path) -> list:
-    """Run the case on WORLD spawned ranks; every process is gone when this returns."""
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, case, str(tmp_path / "store"), str(tmp_path)))
-             for r in range(WORLD)]
-    try:
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + JOIN_TIMEOUT_S
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    errors = "".join((tmp_path / f"rank{r}.err").read_text()
-                     for r in range(WORLD) if (tmp_path / f"rank{r}.err").exists())
-    assert not hung, f"ranks {hung} still running after {JOIN_TIMEOUT_S} s\n{errors}"
-    codes = [p.exitcode for p in procs]
-    assert codes == [0] * WORLD, f"exit codes {codes}\n{errors}"
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    gloo_world.join(rank, WORLD, out_dir, COLLECTIVE_TIMEOUT_S)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model, loss_fn = CASES[case]()
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    rows = BATCH // WORLD
+    losses = _train(model, loss_fn, slice(rank * rows, (rank + 1) * rows))
+    params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    gloo_world.leave({"losses": losses, "params": params}, rank, out_dir)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_fsdp2_matches_single_process(case, tmp_path):
-    ranks = _run_sharded(case, tmp_path)
+    ranks = gloo_world.run_world(_worker, (case, str(tmp_path)), WORLD, tmp_path, WORLD_TIMEOUT_S)
 
     model, loss_fn = CASES[case]()
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}

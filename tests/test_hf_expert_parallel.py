@@ -17,14 +17,9 @@ their results and the tests below compare them with the single-process eager mod
 
 from __future__ import annotations
 
-import datetime
-import os
-import time
-
+import gloo_world
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import transformers
 from conftest import backend_params
 from test_hf_experts import FAMILIES
@@ -88,18 +83,11 @@ def _run_case(path: str, mode: str, backend: str, ids: torch.Tensor) -> dict:
     }
 
 
-def _worker(rank: int, init_file: str, paths: dict, ids: torch.Tensor, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    try:
-        results = {(family, mode, backend): _run_case(path, mode, backend, ids)
-                   for family, path in paths.items() for mode in MODES for backend in BACKENDS}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-    # Skip interpreter finalisation: gloo's worker threads can still hold Python-owned tensors
-    # there, whose release then aborts the process (pytorch/pytorch#179291).
-    os._exit(0)
+def _worker(rank: int, paths: dict, ids: torch.Tensor, out_dir: str) -> None:
+    gloo_world.join(rank, WORLD, out_dir)
+    results = {(family, mode, backend): _run_case(path, mode, backend, ids)
+               for family, path in paths.items() for mode in MODES for backend in BACKENDS}
+    gloo_world.leave(results, rank, out_dir)
 
 
 def _eager(path: str, ids: torch.Tensor) -> dict:
@@ -122,22 +110,7 @@ def world(tmp_path_factory):
         paths[family] = str(root / family)
         model.save_pretrained(paths[family])
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
-    context = mp.start_processes(_worker, args=(str(root / "store"), paths, ids, str(root)),
-                                 nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + WORLD_TIMEOUT_S
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD}-process world did not finish in {WORLD_TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-            process.join(5)
-            if process.is_alive():
-                process.kill()
-                process.join()
-    ranks = [torch.load(root / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = gloo_world.run_world(_worker, (paths, ids, str(root)), WORLD, root, WORLD_TIMEOUT_S)
     return ranks, {family: _eager(path, ids) for family, path in paths.items()}
 
 
