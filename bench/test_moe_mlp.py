@@ -23,7 +23,7 @@ import torch
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 import modekernels
-from harness import DEVICE, QUICK, provider_params, relative_error, report, run
+from harness import DEVICE, QUICK, provider_params, relative_error, report, run, skip_unless_batched_mm_fits
 
 SHAPES = (
     [(4, 64, 32, 48, 2), (6, 50, 32, 16, 3), (4, 40, 32, 32, 1), (5, 40, 32, 24, 1)]
@@ -69,20 +69,13 @@ def step(forward, backward: bool, experts, x, idx, weights, dy):
     return lambda: torch.autograd.grad(forward(x, idx, weights), leaves, dy)
 
 
-def _batched_mm_bytes(E, T, H, I, k) -> int:
-    """The weights batched_mm gathers: one (2I, H) and one (H, I) matrix per token-slot."""
-    return T * k * 3 * H * I * torch.finfo(DTYPE).bits // 8
-
-
 @pytest.mark.parametrize("provider", provider_params(*TRANSFORMERS, "triton", "cuda"))
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "E{}-T{}-H{}-I{}-k{}".format(*s))
 def test_moe_mlp(benchmark, ceilings, shape, mode, provider):
     E, T, H, I, k = shape
-    if provider == "batched_mm" and DEVICE.type == "cuda":
-        needed = _batched_mm_bytes(*shape)
-        if needed > torch.cuda.mem_get_info(DEVICE)[0] // 2:
-            pytest.skip(f"batched_mm would gather {needed / 2**30:.0f} GiB of expert weights")
+    if provider == "batched_mm":
+        skip_unless_batched_mm_fits(T, H, I, k, DTYPE)
     backward = mode == "fwdbwd"
     experts, x, idx, weights = make_problem(*shape, backward)
     forward = provider_forward(provider, experts)

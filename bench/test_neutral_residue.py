@@ -11,7 +11,10 @@ so that 0%, 50% or 90% of the rows have a zero gate (only ``triton_sparse`` prof
 and forward+backward (gradients of x and every weight). TFLOP/s counts the block's dense GEMMs,
 2·T·d·(2·d_adapter + 1) + 2·T·d_adapter·d, 3x for forward+backward, whatever the provider
 computes; bytes count x, r and y (T·d each) and the weights once (3x for forward+backward),
-the floor of any implementation, compared with a device copy. Before timing, the modekernels
+the floor of any implementation, compared with a device copy. The forward's bar (within 1.3x of
+one read of x and one write of y) has its own floor, 2·T·d·2 bytes at the copy rate:
+``fraction_of_bar_floor`` in the JSON, met at 1/1.3 ≈ 0.77 or more. Forward-only cases build
+no autograd graph for any provider (nothing requires grad). Before timing, the modekernels
 providers' y is checked against the eager block in fp32 (relative error under 2e-2).
 """
 
@@ -59,8 +62,9 @@ def eager_block(t: dict):
     return t["residual"] + y_a, g, y_a.float().abs().sum(dim=1)
 
 
-def provider_forward(provider: str, t: dict, d: int, d_a: int):
-    """The provider's forward as ``f() -> tuple of outputs`` and its trainable tensors."""
+def provider_forward(provider: str, t: dict, d: int, d_a: int, backward: bool):
+    """The provider's forward as ``f() -> tuple of outputs`` and its trainable tensors (used
+    with ``backward`` only: without it nothing requires grad, so the forward records no graph)."""
     if provider == "eager":
         return (lambda: eager_block(t)), [v for v in t.values() if v.requires_grad]
     if provider.startswith(("triton", "cuda")):
@@ -75,7 +79,7 @@ def provider_forward(provider: str, t: dict, d: int, d_a: int):
         return fused, [v for v in t.values() if v.requires_grad]
     if provider == "linear_adapter":
         down, up = nn.Linear(d, d_a), nn.Linear(d_a, d)
-        module = nn.Sequential(down, nn.GELU(), up).to(DEVICE, DTYPE)
+        module = nn.Sequential(down, nn.GELU(), up).to(DEVICE, DTYPE).requires_grad_(backward)
         return (lambda: (t["residual"] + module(t["x"]),)), [t["x"], *module.parameters()]
     try:
         import peft
@@ -84,6 +88,8 @@ def provider_forward(provider: str, t: dict, d: int, d_a: int):
     base = nn.Sequential(nn.Linear(d, d, bias=False)).to(DEVICE, DTYPE).requires_grad_(False)
     config = peft.LoraConfig(r=d_a, lora_alpha=d_a, target_modules=["0"], lora_dropout=0.0)
     model = peft.inject_adapter_in_model(config, base).to(DEVICE, DTYPE)
+    if not backward:  # LoRA's matrices require grad once injected
+        model.requires_grad_(False)
     trainable = [t["x"]] + [p for p in model.parameters() if p.requires_grad]
     return (lambda: (model(t["x"]),)), trainable
 
@@ -109,7 +115,7 @@ def test_neutral_residue(benchmark, ceilings, size, sparsity, mode, provider):
     d, d_a, T = size
     backward = mode == "fwdbwd"
     t = make_block(T, d, d_a, sparsity, backward)
-    forward, trainable = provider_forward(provider, t, d, d_a)
+    forward, trainable = provider_forward(provider, t, d, d_a, backward)
     if provider.startswith(("triton", "cuda")):
         with torch.no_grad():
             y = forward()[0]
@@ -128,4 +134,5 @@ def test_neutral_residue(benchmark, ceilings, size, sparsity, mode, provider):
         ceilings=ceilings,
         flops=(3 if backward else 1) * (2 * T * d * (2 * d_a + 1) + 2 * T * d_a * d),
         nbytes=(3 if backward else 1) * (3 * T * d * 2 + weights),
+        bar_nbytes=None if backward else 2 * T * d * 2,  # one read of x, one write of y
     )

@@ -1,11 +1,37 @@
 """The ``modekernels bench`` subcommand's arguments: ``run`` (the default), ``compare``,
-``plot`` and ``table``. Each imports its module only when it runs."""
+``plot`` and ``table``. Each imports its module only when it runs.
+
+Exit codes: 0 success; 1 a case more than 5% slower or missing (``compare``), a stale table
+(``table --check``) or a failing suite (``run``); 2 a file or folder that cannot be used (a
+missing or malformed JSON, a README without the markers, a ``--bench-dir`` without
+``harness.py``), reported as ``modekernels bench: error: ...`` without a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import sys
+
+FILE_ERROR = 2
 
 
+def _reporting_file_errors(command):
+    """``command(args)``, with an unusable file or folder (``OSError``, or the ``ValueError``
+    that the readers raise naming the file) printed as one error line and exit code 2."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except (OSError, ValueError) as exc:
+            print(f"modekernels bench: error: {exc}", file=sys.stderr)
+            return FILE_ERROR
+
+    return run
+
+
+@_reporting_file_errors
 def _run(args: argparse.Namespace) -> int:
     from modekernels.benchtool.run import RunOptions, run_benchmarks
 
@@ -16,18 +42,21 @@ def _run(args: argparse.Namespace) -> int:
     return code
 
 
+@_reporting_file_errors
 def _compare(args: argparse.Namespace) -> int:
     from modekernels.benchtool.compare import main
 
     return main(args.old, args.new)
 
 
+@_reporting_file_errors
 def _plot(args: argparse.Namespace) -> int:
     from modekernels.benchtool.plot import main
 
     return main(args.run_json, args.out)
 
 
+@_reporting_file_errors
 def _table(args: argparse.Namespace) -> int:
     from modekernels.benchtool.table import main
 
@@ -42,8 +71,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         help="tiny sizes, few rounds (MODEKERNELS_BENCH_QUICK=1; always so on a CPU)")
     parser.add_argument("-k", dest="keyword", metavar="EXPR", help="pytest -k selection")
     parser.add_argument("--bench-dir", help="the bench/ folder (default ./bench or the checkout's)")
-    parser.add_argument("--out", help="results folder (default bench/results); the JSON goes "
-                        "to OUT/<device>/<date>-<sets>.json")
+    parser.add_argument("--out", help="results folder (default bench/results); each suite's JSON "
+                        "goes to OUT/<device>/<date>-<suite>.json")
     parser.add_argument("--pytest-arg", action="append", metavar="ARG",
                         help="one more argument for pytest (repeatable)")
 
@@ -57,11 +86,13 @@ def add_bench_parser(commands) -> None:
     _add_run_options(bench)
     bench.set_defaults(run=_run)
     actions = bench.add_subparsers(dest="bench_command", metavar="{run,compare,plot,table}")
-    run = actions.add_parser("run", help="run the suites and write one JSON (the default)")
+    # an option not given after "run" keeps the value given before it (no default overrides it)
+    run = actions.add_parser("run", argument_default=argparse.SUPPRESS,
+                             help="run the suites, one JSON per suite (the default)")
     _add_run_options(run)
     run.set_defaults(run=_run)
-    compare = actions.add_parser("compare", help="ratio per case; flags cases more than 5%% slower "
-                                 "(exit code 1 if any)")
+    compare = actions.add_parser("compare", help="ratio per case; exit code 1 if a case is more "
+                                 "than 5%% slower or missing from NEW, 2 if a file is unusable")
     compare.add_argument("old", help="OLD.json")
     compare.add_argument("new", help="NEW.json")
     compare.set_defaults(run=_compare)

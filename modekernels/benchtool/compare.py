@@ -2,8 +2,9 @@
 
 Cases are matched by pytest node id. ``new/old`` is the ratio of mean times (below 1 is faster);
 a case more than :data:`THRESHOLD` (5%) slower is flagged ``SLOWER``, and one more than 5% faster
-``faster``. Cases present in one run only are listed as such. Timings compare only between runs
-on the same kind of device: a note says when the devices differ.
+``faster``. Cases present in one run only are listed as such; one of OLD missing from NEW (it
+failed, was skipped or did not run) counts as a failure like a slower one. Timings compare only
+between runs on the same kind of device: a note says when the devices differ.
 """
 
 from __future__ import annotations
@@ -33,11 +34,20 @@ class Comparison:
         return self.ratio is not None and self.ratio > 1 + THRESHOLD
 
     @property
+    def vanished(self) -> bool:
+        """Measured in OLD, missing from NEW."""
+        return self.old_s is not None and self.new_s is None
+
+    @property
+    def failed(self) -> bool:
+        return self.slower or self.vanished
+
+    @property
     def flag(self) -> str:
         if self.old_s is None:
             return "only in new"
         if self.new_s is None:
-            return "only in old"
+            return "MISSING from new"
         if self.slower:
             return f"SLOWER (+{self.ratio - 1:.1%})"
         if self.ratio is not None and self.ratio < 1 - THRESHOLD:
@@ -65,14 +75,16 @@ def format_comparison(rows: list[Comparison], notes: list[str]) -> str:
         ratio = "-" if r.ratio is None else f"{r.ratio:.3f}"
         lines.append(f"{r.name:<{width}} {format_time(r.old_s):>12} {format_time(r.new_s):>12} "
                      f"{ratio:>8}  {r.flag}")
-    slower = sum(r.slower for r in rows)
-    lines += ["", f"{slower} of {len(rows)} cases more than {THRESHOLD:.0%} slower"]
+    slower, vanished = sum(r.slower for r in rows), sum(r.vanished for r in rows)
+    lines += ["", f"{slower} of {len(rows)} cases more than {THRESHOLD:.0%} slower; "
+              f"{vanished} of old's cases missing from new (failed or skipped)"]
     lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
 
 
 def main(old_path: str, new_path: str) -> int:
-    """Print the comparison; exit code 1 when any case is more than 5% slower, else 0."""
+    """Print the comparison; exit code 1 when any case is more than 5% slower or missing from
+    NEW, else 0 (``ValueError`` naming the file when one is not a benchmark JSON)."""
     rows, notes = compare_runs(old_path, new_path)
     print(format_comparison(rows, notes))
-    return 1 if any(r.slower for r in rows) else 0
+    return 1 if any(r.failed for r in rows) else 0

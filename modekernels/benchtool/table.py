@@ -8,7 +8,6 @@ and nothing else. With no GPU run committed it says so.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from modekernels.benchtool.results import Case, Run, format_limit, format_time, load_run
@@ -91,26 +90,26 @@ def replace_section(text: str, body: str) -> str:
 
 def update_readme(readme: Path, results_dir: Path, check: bool = False) -> bool:
     """Rewrite the marked section of ``readme``; return whether it changed. With ``check``, only
-    report (nothing is written)."""
+    report (nothing is written). ``ValueError`` naming ``readme`` when it lacks the markers."""
     text = readme.read_text()
-    updated = replace_section(text, results_markdown(results_dir, readme.parent))
+    try:
+        updated = replace_section(text, results_markdown(results_dir, readme.parent))
+    except ValueError as exc:
+        raise ValueError(f"{readme}: {exc}") from None
     if updated != text and not check:
         readme.write_text(updated)
     return updated != text
 
 
 def main(readme: str | None = None, results: str | None = None, check: bool = False) -> int:
-    """Regenerate the table; with ``check``, exit 1 when the README is out of date."""
+    """Regenerate the table; with ``check``, exit 1 when the README is out of date. An unusable
+    README raises (``OSError``, ``ValueError``): ``modekernels bench table`` reports it."""
     from modekernels.benchtool.run import find_bench_dir
 
     bench_dir = find_bench_dir() if readme is None or results is None else None
     readme_path = Path(readme) if readme else bench_dir.parent / "README.md"
     results_dir = Path(results) if results else bench_dir / "results"
-    try:
-        changed = update_readme(readme_path, results_dir, check)
-    except ValueError as exc:
-        print(f"modekernels bench table: {readme_path}: {exc}", file=sys.stderr)
-        return 2
+    changed = update_readme(readme_path, results_dir, check)
     if check:
         print(f"{readme_path}: results table {'out of date' if changed else 'up to date'}")
         return 1 if changed else 0
