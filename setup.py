@@ -2,7 +2,9 @@
 
 Everything else about the package lives in pyproject.toml. The extension is built when nvcc is
 found (``$CUDA_HOME/bin/nvcc`` or ``nvcc`` on PATH); without nvcc the package installs as pure
-Python and the ``cuda`` backend reports itself unavailable.
+Python and the ``cuda`` backend reports itself unavailable. That decision lives in
+``build_backend/modekernels_cuda_build.py``, which the build backend (``modekernels_build``) also
+uses to request the extension's build requirements (CUTLASS, CMake, ...) only when it is built.
 
 Environment variables:
     MODEKERNELS_BUILD_CUDA   unset: build if nvcc is found; ``0``: never build; ``1``: build or
@@ -28,23 +30,11 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "build_backend"))  # also when run without the backend
+
+from modekernels_cuda_build import cuda_skip_reason, find_nvcc  # noqa: E402
+
 DEFAULT_ARCHS = "80;90a"
-
-
-def _build_cuda_setting() -> str:
-    value = os.environ.get("MODEKERNELS_BUILD_CUDA", "").strip()
-    if value not in ("", "0", "1"):
-        raise SystemExit(f"MODEKERNELS_BUILD_CUDA must be 0, 1 or unset, got {value!r}")
-    return value
-
-
-def _find_nvcc() -> str | None:
-    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if cuda_home:
-        candidate = os.path.join(cuda_home, "bin", "nvcc")
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return shutil.which("nvcc")
 
 
 def _cuda_archs() -> str:
@@ -94,7 +84,7 @@ class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         import pybind11
 
-        nvcc = _find_nvcc()
+        nvcc = find_nvcc()
         if nvcc is None:
             raise RuntimeError("nvcc not found: set CUDA_HOME or put nvcc on PATH")
         output_dir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
@@ -122,11 +112,9 @@ class CMakeBuild(build_ext):
 
 
 def _ext_modules() -> list[Extension]:
-    setting = _build_cuda_setting()
-    if setting == "0":
-        return []
-    if setting == "" and _find_nvcc() is None:
-        print("modekernels: nvcc not found, installing without the CUDA extension", file=sys.stderr)
+    reason = cuda_skip_reason()
+    if reason:
+        print(f"modekernels: {reason}, installing without the CUDA extension", file=sys.stderr)
         return []
     return [CMakeExtension("modekernels._C")]
 
