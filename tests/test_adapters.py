@@ -52,6 +52,54 @@ def test_adapter_matches_plain_pytorch(backend, activation, lead):
         torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4)
 
 
+def _assert_close_to(actual, expected, tolerance, what):
+    """max |actual - expected| within tolerance × max(max |expected|, 1)."""
+    scale = max(expected.abs().max().item(), 1.0)
+    error = (actual.double() - expected).abs().max().item()
+    assert error <= tolerance * scale, f"{what}: error {error}, scale {scale}"
+
+
+# Half-precision tolerances: the adapter rounds x·W_in, h and the output to 16 bits.
+HALF_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+@pytest.mark.parametrize("backend", backend_params("reference", "triton", "cuda"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["adapter", "mixture-train", "mixture-eval"])
+def test_half_precision_matches_plain_pytorch(backend, dtype, kind):
+    """Adapter and AdapterMixture (both modes) in float16 / bfloat16 through each backend:
+    output and gradients in that dtype, close to float64 on the same (rounded) values."""
+    if kind == "adapter":
+        module = Adapter(24, 6, "gelu")
+    else:
+        module = AdapterMixture(24, 6, 3, "gelu").train(kind == "mixture-train")
+    module = _randomise(module).to(DEVICE, dtype)
+    x = torch.randn(2, 5, 24, device=DEVICE).to(dtype).requires_grad_()
+    residual = torch.randn(2, 5, 24, device=DEVICE).to(dtype)
+    torch.manual_seed(3)  # the mixture's draw in training
+    with modekernels.use_backend(backend):
+        y = module(x, residual)
+    params = [module.w_in, module.b_in, module.w_out, module.b_out]
+    exact_x = x.detach().double().requires_grad_()
+    exact = [p.detach().double().requires_grad_() for p in params]
+    if kind == "mixture-train":
+        torch.manual_seed(3)
+        i, j = module.sample_copies()
+        weights = [exact[0][i], exact[1][i], exact[2][j], exact[3][j]]
+    elif kind == "mixture-eval":
+        weights = [p.sum(0) / 3 for p in exact]
+    else:
+        weights = exact
+    expected = residual.double() + _bottleneck(exact_x, *weights, "gelu")
+    assert y.dtype == dtype
+    _assert_close_to(y, expected.detach(), HALF_TOLERANCE[dtype], "y")
+    grads = torch.autograd.grad(y.float().square().sum(), [x, *params])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [exact_x, *exact])
+    for name, a, e in zip(("x", "w_in", "b_in", "w_out", "b_out"), grads, expected_grads):
+        assert a.dtype == dtype, name
+        _assert_close_to(a, e, 2 * HALF_TOLERANCE[dtype], f"d{name}")
+
+
 @pytest.mark.parametrize("module", [Adapter(16, 4), AdapterMixture(16, 4, 3)], ids=type)
 def test_output_is_zero_at_init(module):
     x = torch.randn(5, 16)
@@ -124,11 +172,34 @@ def test_merge_keeps_device_and_dtype():
     assert all(p.dtype == torch.bfloat16 for p in merged.parameters())
 
 
+def test_merge_draws_no_random_numbers():
+    mixture = AdapterMixture(8, 3, 2)
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    mixture.merge()
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_bad_sizes_raise():
-    with pytest.raises(ValueError, match="num_adapters"):
-        AdapterMixture(8, 2, 0)
     with pytest.raises(ValueError, match=r"w_in.shape\[1\]"):
         Adapter(8, 2)(torch.randn(3, 9))
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: AdapterMixture(8, 2, 0), "^num_adapters must be a positive int"),
+    (lambda: AdapterMixture(8, 2, 2.0), "^num_adapters must be a positive int"),
+    (lambda: AdapterMixture(8, 0, 2), "^d_adapter must be a positive int"),
+    (lambda: AdapterMixture(8, 2, 2, "swish"), "^activation must be one of"),
+    (lambda: Adapter(0, 2), "^d_model must be a positive int"),
+    (lambda: Adapter(8, -2), "^d_adapter must be a positive int"),
+    (lambda: Adapter(8, True), "^d_adapter must be a positive int"),
+    (lambda: Adapter(8, 2, "swish"), "^activation must be one of"),
+], ids=["mixture-no-copies", "mixture-float-copies", "mixture-d_adapter", "mixture-activation",
+        "d_model", "d_adapter", "d_adapter-bool", "activation"])
+def test_bad_arguments_raise_at_construction(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
 
 
 def test_adapter_compiles_fullgraph():

@@ -473,7 +473,7 @@ def test_moe_mlp_activation_backward_matches_the_reference(fake_c, poisoned, act
 def test_neutral_residue_forward_and_backward_match_the_reference(fake_c, poisoned, glu, gate,
                                                                   sparse):
     T, d, d_a = 7, 16, 8
-    x = torch.randn(T, d)
+    x = torch.randn(d, T).t()  # (T, d), column-major
     w_in, w_glu = torch.randn(d_a, d), (torch.randn(d_a, d) if glu else None)
     w_out = torch.randn(d_a, d).t()  # (d, d_a), non-contiguous
     w_gate = torch.randn(d) if gate != "none" else None
@@ -486,7 +486,10 @@ def test_neutral_residue_forward_and_backward_match_the_reference(fake_c, poison
     expected = ref_neutral_residue.neutral_residue(*args)
     if gate == "relu":
         assert 0 < int((expected[1] == 0).sum()) < T  # rows gated off and on
+    on = expected[1] != 0  # gate-sparse mode skips the other rows' GEMMs: their pre is the biases
     for name, actual, wanted in zip(("y", "g", "l1", "pre"), outputs, expected):
+        if name == "pre":
+            actual, wanted = actual[on], wanted[on]
         torch.testing.assert_close(actual, wanted, rtol=1e-5, atol=1e-5, msg=name)
 
     dy, dg, dl1 = torch.randn(T, d), torch.randn(T), torch.randn(T)
@@ -496,6 +499,59 @@ def test_neutral_residue_forward_and_backward_match_the_reference(fake_c, poison
     for actual, wanted in zip(grads, ref_neutral_residue.neutral_residue_backward(*common)):
         torch.testing.assert_close(actual, wanted, rtol=1e-5, atol=1e-5)
     assert fake_c.calls.count("grouped_mm_simt") == 2
+
+
+def _dyadic(*shape, dtype=torch.float32) -> torch.Tensor:
+    """Random multiples of 1/4 in [-1, 1]: every product and sum below is exact in float32, so
+    results do not depend on the emulated GEMM's summation order."""
+    return (torch.randint(-4, 5, shape) / 4).to(dtype)
+
+
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize(
+    "dtype, x_offset", [(torch.float32, 0), (torch.bfloat16, 0), (torch.bfloat16, 1)],
+    ids=["fp32", "bf16", "bf16-unaligned"],
+)
+def test_neutral_residue_gate_sparse_gemms_run_over_the_active_rows_only(
+    fake_c, poisoned, monkeypatch, glu, dtype, x_offset
+):
+    """Gate-sparse mode: both GEMMs get one group ending at the count of rows with g != 0, their
+    rows first; y, g, l1 and those rows' pre equal the dense path's bit for bit, and both modes
+    run the same GEMM kernel (an unaligned x included: a 2-byte offset)."""
+    T, d, d_a = 11, 16, 8
+    x = _dyadic(T * d + x_offset, dtype=dtype)[x_offset:].view(T, d)
+    w_in, w_glu = _dyadic(d_a, d, dtype=dtype), (_dyadic(d_a, d, dtype=dtype) if glu else None)
+    w_out, w_gate = _dyadic(d_a, d, dtype=dtype).t(), _dyadic(d, dtype=dtype)
+    b_in, b_glu = _dyadic(d_a, dtype=dtype), (_dyadic(d_a, dtype=dtype) if glu else None)
+    b_out, residual = _dyadic(d, dtype=dtype), _dyadic(T, d, dtype=dtype)
+    gemm_rows = []
+    real_grouped_mm = cuda_neutral_residue.grouped_mm
+
+    def counting_grouped_mm(rows, w, offs):
+        gemm_rows.append(offs.tolist())
+        return real_grouped_mm(rows, w, offs)
+
+    monkeypatch.setattr(cuda_neutral_residue, "grouped_mm", counting_grouped_mm)
+    results, kernels = [], []
+    for sparse in (False, True):
+        fake_c.calls.clear()
+        results.append(cuda_neutral_residue.neutral_residue(
+            x, w_in, w_glu, w_out, w_gate, torch.tensor(0.25, dtype=dtype), b_in, b_glu, b_out,
+            residual, "relu", "relu", sparse, True))
+        kernels.append([name for name in fake_c.calls if name.startswith("grouped_mm")])
+    (y, g, l1, pre), (y_s, g_s, l1_s, pre_s) = results
+    on = g != 0
+    active = int(on.sum())
+    assert 0 < active < T, "the test needs rows gated off and on"
+    assert gemm_rows == [[T], [T], [active], [active]]
+    assert kernels[0] == kernels[1] == ["grouped_mm_simt" if dtype == torch.float32
+                                        else "grouped_mm_sm90"] * 2
+    for dense, sparse in ((y, y_s), (g, g_s), (l1, l1_s), (pre[on], pre_s[on])):
+        assert torch.equal(dense.view(torch.uint8), sparse.view(torch.uint8))
+    want = ref_neutral_residue.neutral_residue(
+        x, w_in, w_glu, w_out, w_gate, torch.tensor(0.25, dtype=dtype), b_in, b_glu, b_out,
+        residual, "relu", "relu", False, False)
+    torch.testing.assert_close(y_s, want[0], rtol=2e-2, atol=2e-2)  # pre, a rounded to dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

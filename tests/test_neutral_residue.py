@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from conftest import DEVICE, backend_params, poisoned_allocations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -112,7 +113,15 @@ def _cotangents(y, g, l1, dtype):
 @pytest.mark.parametrize("shape, variant", CASES)
 def test_forward_and_gradients_match_reference(backend, dtype, variant, shape):
     glu, gate, activation, biases, residual = variant
-    master = _cast(_inputs(*shape, glu, gate, biases, residual), dtype)  # representable in dtype
+    _check_against_oracle(_inputs(*shape, glu, gate, biases, residual), activation, gate,
+                          backend, dtype)
+
+
+def _check_against_oracle(inputs: dict, activation, gate, backend, dtype, *,
+                          sparse=False, layout=lambda name, t: t) -> None:
+    """The forward and the gradient of every input, poisoned allocations, against the float64
+    oracle; ``layout(name, input)`` gives the tensor passed (any view of the same values)."""
+    master = _cast(inputs, dtype)  # representable in dtype
     exact = _cast(master, torch.float64, requires_grad=True)
     expected = _oracle(exact, activation, gate)
     cotangents = _cotangents(*expected, dtype)
@@ -121,9 +130,10 @@ def test_forward_and_gradients_match_reference(backend, dtype, variant, shape):
         [t for t in exact.values() if t is not None],
     )
 
-    t = _cast(master, dtype, requires_grad=True)
+    t = {k: None if v is None else layout(k, v).requires_grad_()
+         for k, v in _cast(master, dtype).items()}
     with poisoned_allocations():
-        outputs = _call(t, activation, gate, backend)
+        outputs = _call(t, activation, gate, backend, sparse)
     assert outputs[0].dtype == dtype
     assert outputs[1].dtype == outputs[2].dtype == torch.float32
     for name, a, e in zip(("y", "g", "l1"), outputs, expected):
@@ -136,6 +146,48 @@ def test_forward_and_gradients_match_reference(backend, dtype, variant, shape):
     for name, a, e, x in zip(names, grads, expected_grads, [x for x in t.values() if x is not None]):
         assert a.dtype == x.dtype and a.shape == x.shape, name
         _assert_close(a, e, dtype, f"d{name}", GRAD_TOLERANCE)
+
+
+def _nan_strided(t: torch.Tensor) -> torch.Tensor:
+    """t's values as a view of stride 2 along the last dimension, NaN in between."""
+    return torch.stack([t, torch.full_like(t, float("nan"))], -1)[..., 0]
+
+
+def _column_major(t: torch.Tensor) -> torch.Tensor:
+    return t.t().contiguous().t()
+
+
+# How test_non_contiguous_matrices_are_read_by_stride passes each matrix.
+STRIDED_LAYOUTS = {"x": _column_major, "w_in": _column_major, "w_glu": _nan_strided,
+                   "w_out": _column_major, "residual": _nan_strided}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_non_contiguous_matrices_are_read_by_stride(backend, sparse):
+    """x, the weights and the residual as column-major or NaN-strided views: forward and
+    gradients as with contiguous inputs."""
+    _check_against_oracle(
+        _inputs(21, 20, 6, True, "relu", True, True, gate_bias=-0.1), "silu", "relu", backend,
+        torch.float32, sparse=sparse,
+        layout=lambda name, t: STRIDED_LAYOUTS.get(name, lambda m: m)(t),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_adapter_wider_than_one_column_tile(backend, dtype):
+    """d_adapter 136 spans several column tiles of the project kernel and of the GLU backward
+    (32 wide in the interpreter, at most 128 on a GPU), the last one partial; dense and
+    gate-sparse, forward and gradients, and the two modes bit-identical in inference."""
+    inputs = _inputs(37, 40, 136, True, "relu", True, True, gate_bias=-0.2)
+    for sparse in (False, True):
+        _check_against_oracle(inputs, "silu", "relu", backend, dtype, sparse=sparse)
+    t = _cast(inputs, dtype)
+    dense, sparse = (_call(t, "silu", "relu", backend, sparse=mode) for mode in (False, True))
+    assert 0 < int((dense[1] == 0).sum()) < 37, "the test needs rows gated off and on"
+    for d, s in zip(dense, sparse):
+        assert torch.equal(d.view(torch.uint8), s.view(torch.uint8))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -186,6 +238,22 @@ def test_gate_sparse_is_bit_identical_to_dense(backend, dtype, gate_bias, T):
     ]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", backend_params("triton"))
+def test_gate_sparse_gate_bits_do_not_depend_on_the_tuned_k_tile(backend, monkeypatch):
+    """The fused dense launch tuned to another BLOCK_K (16) than the untuned gate-only launch of
+    gate-sparse mode still computes g, and so y and l1, with the same bits: the gate's K loop
+    steps by its own fixed tile."""
+    from modekernels.triton_kernels import neutral_residue as triton_residue
+
+    tuned = triton.Config({"BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(triton_residue._project_kernel, "configs", [tuned])
+    t = _cast(_inputs(45, 97, 7, True, "relu", True, True, gate_bias=-0.1), torch.float32)
+    dense = _call(t, "silu", "relu", backend)
+    sparse = _call(t, "silu", "relu", backend, sparse=True)
+    for d, s in zip(dense, sparse):
+        assert torch.equal(d.view(torch.uint8), s.view(torch.uint8))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -299,13 +367,16 @@ def _op_args(t: dict, activation, gate, sparse, keep_pre, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
-    for variant, shape in [(VARIANTS[0], (9, 12, 5)), (VARIANTS[2], (6, 16, 4))]:
+    cases = [(VARIANTS[0], (9, 12, 5), False), (VARIANTS[0], (9, 12, 5), True),
+             (VARIANTS[2], (6, 16, 4), False)]
+    for variant, shape, sparse in cases:
         glu, gate, activation, biases, residual = variant
         for requires_grad in (False, True):
-            t = _cast(_inputs(*shape, glu, gate, biases, residual), torch.float32, requires_grad)
+            t = _cast(_inputs(*shape, glu, gate, biases, residual, gate_bias=-0.1),
+                      torch.float32, requires_grad)
             torch.library.opcheck(
                 _neutral_residue_op,
-                _op_args(t, activation, gate, False, requires_grad, backend),
+                _op_args(t, activation, gate, sparse, requires_grad, backend),
             )
 
 
@@ -467,6 +538,29 @@ def test_module_matches_the_op_and_trains(backend):
     assert all(p.grad is not None for p in module.parameters())
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(d_model=0), ValueError, "^d_model must be a positive int"),
+        (dict(d_model=8.0), ValueError, "^d_model must be a positive int"),
+        (dict(d_adapter=-1), ValueError, "^d_adapter must be a positive int"),
+        (dict(d_adapter=True), ValueError, "^d_adapter must be a positive int"),
+        (dict(num_layers=0), ValueError, "^num_layers must be a positive int"),
+        (dict(num_layers=-1), ValueError, "^num_layers must be a positive int"),
+        (dict(activation="tanh"), ValueError, "^activation must be one of"),
+        (dict(gate="tanh"), ValueError, "^gate must be one of"),
+        (dict(gate=None), ValueError, "^gate must be one of"),
+        (dict(glu="yes"), TypeError, "^glu must be a bool"),
+        (dict(sparse=1), TypeError, "^sparse must be a bool"),
+    ],
+    ids=lambda v: str(v) if not isinstance(v, dict) else ",".join(f"{k}={v[k]}" for k in v),
+)
+def test_module_rejects_bad_arguments_at_construction(kwargs, error, match):
+    args = {"d_model": 8, "d_adapter": 2, **kwargs}
+    with pytest.raises(error, match=match):
+        NeutralResidue(args.pop("d_model"), args.pop("d_adapter"), **args)
+
+
 def test_neutral_residue_loss_from_l1():
     l1 = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], requires_grad=True)
     mask = torch.tensor([[True, False, True], [False, False, True]])
@@ -490,3 +584,9 @@ def test_neutral_residue_loss_from_l1():
 def test_neutral_residue_loss_rejects_a_bad_mask(mask, error):
     with pytest.raises(error, match="mask"):
         neutral_residue_loss(torch.ones(2, 3), mask, d_model=4)
+
+
+@pytest.mark.parametrize("d_model", [0, -3, 2.5, None])
+def test_neutral_residue_loss_rejects_a_bad_d_model(d_model):
+    with pytest.raises(ValueError, match="^d_model must be a positive int"):
+        neutral_residue_loss(torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool), d_model)

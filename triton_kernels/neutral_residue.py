@@ -15,7 +15,9 @@ Both kernels take their rows through a device-side row list and count. Dense: ev
 Gate-sparse: the gate programs run first over every row, ``_compact`` lists the rows with
 g != 0 on the device (cumsum + scatter, no host sync, grid bounded by T), and both adapter
 passes run over that list only, programs past the count exiting at once. Both modes run the
-same compiled kernels with the same tiles, so each computed row is bit-identical.
+same compiled kernels with the same tiles, and the gate's K step is fixed (``_GATE_BLOCK_K``,
+not the tuned BLOCK_K, so the untuned gate-only launch sums g in the fused launch's order),
+so each computed row is bit-identical.
 
 Backward: torch GEMMs (cuBLAS, already optimal for these shapes) composed by
 :func:`modekernels.reference.neutral_residue.neutral_residue_backward`, around one fused Triton
@@ -47,6 +49,12 @@ from modekernels.triton_kernels.common import (
 from modekernels.triton_kernels.glu_backward import glu_backward
 
 _GATE_COLUMNS = tl.constexpr(16)  # w_gate padded to the narrowest tl.dot operand
+# The gate's K step, the same in every launch whatever the tuned BLOCK_K: g's float32 sum over
+# d is then formed in one order (K tiles in turn into one accumulator, each tile a tl.dot of
+# the same shape and operand dtypes), so the gate-only launch of gate-sparse mode and the
+# fused dense launch give the same bits, and the same rows g == 0. The smallest tuned BLOCK_K,
+# so the gate's tiles stay within what _PROJECT_PRUNE counts for the u/v tiles.
+_GATE_BLOCK_K = tl.constexpr(32)
 # Fixed, not tuned: the row list places each row at its own slot of a BLOCK_M tile (so dense and
 # sparse launches compute every row at the same tile position), and kernel 2's column tile
 # sets the number of ℓ1 partials the host allocates.
@@ -124,7 +132,7 @@ def _project_kernel(
             acc_g = accumulate_product(
                 acc_g, x_ptr, rows, valid, stride_xt, stride_xd,
                 w_gate_ptr, gcols, gcols == 0, stride_wg, 0,
-                0, D, BLOCK_K, INPUT_PRECISION, DOT_IN_FP32,
+                0, D, _GATE_BLOCK_K, INPUT_PRECISION, DOT_IN_FP32,
             )
             z = tl.sum(tl.where(gcols[None, :] == 0, acc_g, 0.0), axis=1)
             if HAS_B_GATE:
@@ -181,8 +189,9 @@ def _project_kernel(
 
 
 # The gate-only launch of gate-sparse mode (a (T, D)·(D, 16) product, bound by reading x): the
-# same kernel, untuned, in the first configuration. Tuning it would hand the adapter launches,
-# which share its autotune key, a configuration timed on the gate alone.
+# same kernel, untuned, in the first configuration (its gate steps by _GATE_BLOCK_K like the
+# tuned launches'). Tuning it would hand the adapter launches, which share its autotune key, a
+# configuration timed on the gate alone.
 _project_gate_kernel = _project_kernel.fn
 # It fixes the switches that only the u/v tiles read, so that one compilation serves them all.
 _GATE_ONLY_CONFIG = tile_configs(_PROJECT_TILES, names=("BLOCK_N", "BLOCK_K"))[0]

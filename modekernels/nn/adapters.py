@@ -7,7 +7,9 @@ import math
 import torch
 from torch import nn
 
+from modekernels.nn.neutral_residue import check_option, check_positive_int
 from modekernels.ops.neutral_residue import neutral_residue
+from modekernels.reference.moe_mlp import ACTIVATIONS
 
 
 def _down_init(d_adapter: int, d_model: int, copies: tuple[int, ...] = ()) -> tuple:
@@ -16,6 +18,12 @@ def _down_init(d_adapter: int, d_model: int, copies: tuple[int, ...] = ()) -> tu
     weight = torch.empty(*copies, d_adapter, d_model).uniform_(-bound, bound)
     bias = torch.empty(*copies, d_adapter).uniform_(-bound, bound)
     return nn.Parameter(weight), nn.Parameter(bias)
+
+
+def _check_sizes(d_model: object, d_adapter: object, activation: object) -> None:
+    check_positive_int("d_model", d_model)
+    check_positive_int("d_adapter", d_adapter)
+    check_option("activation", activation, ACTIVATIONS)
 
 
 def _adapter(x, w_in, b_in, w_out, b_out, activation, residual):
@@ -34,10 +42,12 @@ class Adapter(nn.Module):
 
     w_in (d_adapter, d_model) and b_in (d_adapter,) start as ``nn.Linear``'s; w_out
     (d_model, d_adapter) and b_out (d_model,) start at zero, so the output starts at zero.
+    d_model and d_adapter must be positive ints, activation one of the op's activations.
     ``forward(x, residual=None)``: x (..., d_model) -> (..., d_model).
     """
 
     def __init__(self, d_model: int, d_adapter: int, activation: str = "gelu"):
+        _check_sizes(d_model, d_adapter, activation)
         super().__init__()
         self.d_model, self.d_adapter, self.activation = d_model, d_adapter, activation
         self.w_in, self.b_in = _down_init(d_adapter, d_model)
@@ -65,9 +75,9 @@ class AdapterMixture(nn.Module):
     """
 
     def __init__(self, d_model: int, d_adapter: int, num_adapters: int, activation: str = "gelu"):
+        _check_sizes(d_model, d_adapter, activation)
+        check_positive_int("num_adapters", num_adapters)
         super().__init__()
-        if num_adapters < 1:
-            raise ValueError(f"num_adapters must be at least 1, got {num_adapters}")
         self.d_model, self.d_adapter, self.activation = d_model, d_adapter, activation
         self.num_adapters = num_adapters
         self.w_in, self.b_in = _down_init(d_adapter, d_model, (num_adapters,))
@@ -100,8 +110,11 @@ class AdapterMixture(nn.Module):
     @torch.no_grad()
     def merge(self) -> Adapter:
         """An :class:`Adapter` holding the averaged weights, on the mixture's device and dtype;
-        its output equals the mixture's eval output."""
-        merged = Adapter(self.d_model, self.d_adapter, self.activation).to(self.w_in)
+        its output equals the mixture's eval output. Draws no random numbers (it is built on
+        the meta device, so its initialisation runs nowhere)."""
+        with torch.device("meta"):
+            merged = Adapter(self.d_model, self.d_adapter, self.activation)
+        merged.to_empty(device=self.w_in.device).to(self.w_in.dtype)
         for param, value in zip(
             (merged.w_in, merged.b_in, merged.w_out, merged.b_out), self.averaged()
         ):

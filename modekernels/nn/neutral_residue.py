@@ -3,11 +3,32 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
 
 from modekernels.ops.neutral_residue import neutral_residue
+from modekernels.reference.moe_mlp import ACTIVATIONS
+from modekernels.reference.neutral_residue import GATES
+
+
+def check_positive_int(name: str, value: object) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is an integer (not a bool) ≥ 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_option(name: str, value: object, allowed: tuple) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is one of ``allowed``."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_flag(name: str, value: object) -> None:
+    """Raise TypeError naming ``name`` unless ``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
 class NeutralResidue(nn.Module):
@@ -18,7 +39,8 @@ class NeutralResidue(nn.Module):
     (d_model,), b_gate (1,) (passed to the op as its () scalar; FSDP2's ``fully_shard`` cannot
     shard 0-d parameters). The paper's initialisation: W_out = 0 and b_out = 0, so the output is
     exactly zero at initialisation; w_in, w_glu and w_gate ~ N(0, 1/(d_model·num_layers));
-    the other biases zero.
+    the other biases zero. d_model, d_adapter and num_layers must be positive ints, activation
+    one of the op's activations, gate one of its gates, glu and sparse bools (checked here).
 
     ``forward(x, residual=None)`` with x (..., d_model) returns the op's (y (..., d_model),
     g (...) float32, l1 (...) float32 = ‖y - residual‖₁ per token). With ``sparse`` set, rows
@@ -36,6 +58,13 @@ class NeutralResidue(nn.Module):
         gate: str = "relu",
         sparse: bool = False,
     ):
+        for name, value in (("d_model", d_model), ("d_adapter", d_adapter),
+                            ("num_layers", num_layers)):
+            check_positive_int(name, value)
+        check_option("activation", activation, ACTIVATIONS)
+        check_option("gate", gate, GATES)
+        check_flag("glu", glu)
+        check_flag("sparse", sparse)
         super().__init__()
         self.d_model, self.d_adapter = d_model, d_adapter
         self.activation, self.gate, self.sparse = activation, gate, sparse
@@ -82,8 +111,10 @@ def neutral_residue_loss(l1: torch.Tensor, mask: torch.Tensor, d_model: int) -> 
     """mean over the tokens where ``mask`` is true of l1 / d_model: the neutral-residue loss.
 
     l1: the op's per-token ‖y‖₁ (any shape); mask: bool of l1's shape, true for
-    original-domain tokens. Zero, with a gradient path, when no token is marked. No host sync.
+    original-domain tokens; d_model a positive int. Zero, with a gradient path, when no token
+    is marked. No host sync.
     """
+    check_positive_int("d_model", d_model)
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask))}")
     if mask.shape != l1.shape:
