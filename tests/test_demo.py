@@ -134,19 +134,29 @@ def test_adapt_saves_modules_and_reports_losses(method, checkpoint, texts, tmp_p
         assert report["added_parameters"] > 0
 
 
-def test_adapted_modules_load_back_into_the_checkpoint(checkpoint, texts, tmp_path):
+@pytest.mark.parametrize("method", ["neutral-residues", "adamix", "mode", "moefy"])
+def test_adapted_modules_load_back_into_the_checkpoint(method, checkpoint, texts, tmp_path):
+    """The checkpoint plus the saved modules give the adapted model's new-domain loss."""
     from transformers import AutoModelForCausalLM
 
+    from modekernels.demo.corpora import ByteTokenizer, text_file_corpus
+    from modekernels.demo.train import evaluate
     from modekernels.hf import load_modules
 
     code, _ = texts
     out = tmp_path / "out"
-    argv = ["adapt", "--model", str(checkpoint), "--new-domain", str(code), "--method", "neutral-residues",
-            "--out", str(out), "--steps", "2", "--block-size", "32"]
+    argv = ["adapt", "--model", str(checkpoint), "--new-domain", str(code), "--method", method,
+            "--out", str(out), "--steps", "2", "--block-size", "32", "--batch-size", "4", "--eval-blocks", "8"]
     assert main(argv) == 0
     host = AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True)
     loaded = load_modules(host, str(out))
     assert loaded.moved and not loaded.refused
+    tokenizer = ByteTokenizer()
+    new = text_file_corpus(str(code), tokenizer.encode, tokenizer.eos_id, 32, max_eval_blocks=8)
+    loss = evaluate(host, new.eval, batch_size=4, device=torch.device("cpu"))
+    report = json.loads((out / "adapt_report.json").read_text())
+    assert loss == pytest.approx(report["losses_after"]["new"], rel=1e-6)
+    assert loss != pytest.approx(report["losses_before"]["new"], rel=1e-6)
 
 
 def test_adapt_uses_the_checkpoints_own_tokenizer(texts, tmp_path):

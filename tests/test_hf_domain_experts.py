@@ -78,6 +78,11 @@ def test_add_domain_experts_rejects_bad_arguments():
         mh.add_domain_experts(build("gpt2"), ["a", "a"])
     with pytest.raises(ValueError, match="layers_per_expert"):
         mh.add_domain_experts(build("gpt2"), ["a"], layers_per_expert=0)
+    with pytest.raises(ValueError, match="a list of names, not one string"):
+        mh.add_domain_experts(build("gpt2"), "ab")
+    with pytest.raises(ValueError, match="^blocks: 7 is not a block index"):
+        mh.add_domain_experts(build("gpt2"), ["a"], blocks=[7])
+    assert mh.add_domain_experts(build("gpt2"), ["a"], blocks=1).layers == [1]
     with pytest.raises(ValueError, match="add_domain_experts first"):
         mh.compose(build("gpt2"))
 

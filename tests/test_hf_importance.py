@@ -56,6 +56,39 @@ def test_importance_with_a_custom_loss_and_labels():
         assert (a > 0).all()
 
 
+def test_default_loss_ignores_padding():
+    model = build("llama")
+    ids = batch(batch_size=2, seq=8)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    padded = ids.masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        losses = mh.per_example_loss(model, {"input_ids": padded, "attention_mask": mask})
+        alone = mh.per_example_loss(model, {"input_ids": ids[1:, :5]})
+    torch.testing.assert_close(losses[1], alone[0], rtol=1e-5, atol=1e-6)
+    scores = mh.compute_ffn_importance(model, [{"input_ids": padded, "attention_mask": mask}])
+    unpadded = mh.compute_ffn_importance(model, [{"input_ids": ids[:1]}, {"input_ids": ids[1:, :5]}])
+    for got, want in zip(scores, unpadded):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_importance_under_no_grad_and_inference_mode(context):
+    model = build("gpt2")
+    want = mh.compute_ffn_importance(model, [{"input_ids": batch()}])
+    with context():
+        got = mh.compute_ffn_importance(model, [{"input_ids": batch()}])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_importance_rejects_a_moefied_model():
+    model = build("llama")
+    mh.moefy(model, 2)
+    with pytest.raises(ValueError, match="before moefy"):
+        mh.compute_ffn_importance(model, [{"input_ids": batch()}])
+
+
 def test_layerwise_distillation_loss():
     teacher, student = build("bert"), build("bert", seed=4)
     ids = batch()

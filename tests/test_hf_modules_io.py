@@ -63,14 +63,66 @@ def test_save_pretrained_plus_load_modules_round_trip_is_exact(tmp_path, name, m
     assert saved["host"]["hidden_size"] == 32 and saved["host"]["num_layers"] == 2
     assert sorted({g["method"] for g in saved["methods"]}) == sorted(methods)
 
-    fresh = type(model).from_pretrained(tmp_path / "base").eval()
-    report = mh.load_modules(fresh, tmp_path / "modules")
+    fresh, info = type(model).from_pretrained(tmp_path / "base", output_loading_info=True)
+    added = {f"{name}.{key}" for name, module in mh.added_modules(model).items()
+             for key in module.state_dict()}
+    assert not info["missing_keys"]  # every backbone key; the added ones left to load_modules
+    # (transformers leaves out of its report the keys a model ignores, e.g. GPT-2's "attn.bias")
+    assert info["unexpected_keys"] and set(info["unexpected_keys"]) <= added
+    report = mh.load_modules(fresh.eval(), tmp_path / "modules")
     assert not report.refused and report.moved
-    if "domain_experts" in methods:
-        mh.compose(fresh)
-    assert torch.equal(logits(fresh, ids), expected)
+    assert torch.equal(logits(fresh, ids), expected)  # MoDE's experts active again, as saved
     trainable = [n for n, p in fresh.named_parameters() if p.requires_grad]
     assert trainable and all(".added." in n for n in trainable)
+
+
+@pytest.mark.parametrize("stage", ["train_domain", "compose"])
+def test_load_modules_restores_the_domain_experts_stage(tmp_path, stage):
+    model = build("llama")
+    mh.add_domain_experts(model, ["a", "b"], layers_per_expert=1)
+    if stage == "train_domain":
+        mh.train_domain(model, "b")
+    else:
+        mh.compose(model)
+    _perturb(model)
+    ids = batch()
+    expected = logits(model, ids)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    model.save_pretrained(tmp_path)  # the checkpoint and the modules, side by side
+    saved = json.loads((tmp_path / "modules.json").read_text())["methods"][0]["options"]
+    assert saved["stage"] == stage and saved["active"] == (["b"] if stage == "train_domain" else ["a", "b"])
+
+    fresh = type(model).from_pretrained(tmp_path).eval()
+    mh.load_modules(fresh, tmp_path)
+    ported = build("llama", seed=3)  # another backbone of the same shapes
+    mh.port_modules(tmp_path, ported)
+    assert torch.equal(logits(fresh, ids), expected)
+    for host in (fresh, ported):
+        assert {n for n, p in host.named_parameters() if p.requires_grad} == trainable
+        assert [m.active for m in mh.added_modules(host).values()] == [saved["active"]] * 2
+
+
+def test_a_failed_strict_load_leaves_the_model_as_it_was(tmp_path):
+    source = build("llama")
+    mh.add_adapters(source, 8)
+    mh.add_neutral_residues(source, d_adapter=8, layers=[1])
+    _perturb(source)
+    mh.save_modules(source, tmp_path)
+    host = build("llama", seed=4)
+    mh.add_neutral_residues(host, d_adapter=4, layers=[1])  # does not fit the saved residue
+    _perturb(host)
+    ids = batch()
+    before = logits(host, ids)
+    state = {k: v.clone() for k, v in host.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in host.named_parameters()}
+    with pytest.raises(ValueError, match="nothing was changed"):
+        mh.load_modules(host, tmp_path)
+    assert sorted(mh.added_modules(host)) == ["model.layers.1.mlp.added.neutral_residue"]
+    assert list(mh.surgery.patch_records(host)) == ["neutral_residue"]
+    assert host.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in host.state_dict().items())
+    assert {n: p.requires_grad for n, p in host.named_parameters()} == flags
+    assert torch.equal(logits(host, ids), before)
 
 
 def test_load_modules_into_the_patched_model_overwrites_its_modules(tmp_path):
@@ -93,6 +145,7 @@ def test_load_modules_is_strict(tmp_path):
     other = build("llama", hidden=48)
     with pytest.raises(ValueError, match="(?s)do not fit.*shape mismatch"):
         mh.load_modules(other, tmp_path)
+    assert mh.added_modules(other) == {} and "save_pretrained" not in other.__dict__
     with pytest.raises(FileNotFoundError, match="modules.json"):
         mh.load_modules(build("llama"), tmp_path / "missing")
     with pytest.raises(ValueError, match="nothing to save"):

@@ -101,6 +101,44 @@ def test_moefy_trains_with_the_balance_loss_and_round_trips(tmp_path, name):
     assert torch.equal(logits(fresh, ids), expected)
 
 
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_moefy_keeps_the_backbone_keys_so_a_reloaded_model_unpatches_to_the_base(tmp_path, name):
+    model = build(name)
+    ids = batch()
+    base = logits(model, ids)
+    keys = set(model.state_dict())
+    mh.moefy(model, 2)
+    assert keys <= set(model.state_dict())  # the dense FFN keeps its names
+    assert all(".added." in n for n, p in model.named_parameters() if p.requires_grad)
+    model.save_pretrained(tmp_path)
+    fresh, info = type(model).from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    mh.load_modules(fresh.eval(), tmp_path)
+    assert torch.equal(logits(fresh, ids), logits(model, ids))
+    mh.unpatch(fresh)
+    assert torch.equal(logits(fresh, ids), base)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_domain_experts_stack_on_a_moefied_model_in_either_order(name):
+    ids = batch()
+    outputs = []
+    for order in (("moefy", "mode"), ("mode", "moefy")):
+        model = build(name)
+        for step in order:
+            if step == "moefy":
+                torch.manual_seed(5)  # the routers' initial weights
+                mh.moefy(model, 2)
+            else:
+                mh.add_domain_experts(model, ["a"], layers_per_expert=1)
+        mh.compose(model)
+        with torch.no_grad():
+            for experts in mh.added_modules(model, "domain_experts").values():
+                experts.gate.weight.fill_(0.1)
+        outputs.append(logits(model, ids))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
 def test_hash_routing_follows_the_token_ids():
     model = build("bert")
     mh.moefy(model, 4, routing="hash")

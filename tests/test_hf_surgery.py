@@ -115,8 +115,15 @@ def test_layers_choose_blocks_and_reject_bad_indices():
         mh.add_neutral_residues(model, d_adapter=4, layers=[0])
     with pytest.raises(ValueError, match="layers: 5 is not a block index"):
         mh.add_adapters(build("llama"), 4, layers=[5])
+    with pytest.raises(ValueError, match="layers: True is not a block index"):
+        mh.add_adapters(build("llama"), 4, layers=[True])
+    with pytest.raises(ValueError, match="layers must be a block index or a list of them"):
+        mh.add_adapters(build("llama"), 4, layers="0")
     with pytest.raises(ValueError, match="d_adapter must be a positive int"):
         mh.add_adapters(build("llama"), 0)
+    one = build("llama")  # an int is one block
+    assert mh.add_neutral_residues(one, d_adapter=4, layers=0).layers == [0]
+    assert mh.add_adapters(one, 4, layers=-1).layers == [1]
 
 
 def test_freeze_base_false_trains_backbone_too():
@@ -246,19 +253,99 @@ def test_trainer_trains_a_patched_model(tmp_path):
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
 
 
+def test_trainer_resumes_the_added_modules_from_its_checkpoint(tmp_path):
+    """Trainer's checkpoint of a patched model holds the added modules, so resuming restores
+    them (Trainer loads its model file into the patched model), and the modules' own files sit
+    beside it for load_modules."""
+    from transformers import Trainer, TrainingArguments
+
+    ids = batch(batch_size=8, seq=8)
+    data = [{"input_ids": row, "labels": row} for row in ids]
+
+    def trainer(model):
+        args = TrainingArguments(
+            output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
+            report_to=[], use_cpu=True, save_strategy="steps", save_steps=2,
+        )
+        return Trainer(model=model, args=args, train_dataset=data)
+
+    trained = build("llama")
+    mh.add_neutral_residues(trained, d_adapter=8)
+    trainer(trained).train()
+    checkpoint = tmp_path / "checkpoint-2"
+    assert (checkpoint / "modules.json").is_file()
+
+    resumed = build("llama")
+    mh.add_neutral_residues(resumed, d_adapter=8)
+    trainer(resumed).train(resume_from_checkpoint=str(checkpoint))
+    added = dict(trained.named_parameters())
+    for name, p in resumed.named_parameters():
+        if ".added." in name:
+            assert torch.equal(p, added[name]), name
+
+
 def test_domain_experts_train_under_trainer_with_domain_ids(tmp_path):
+    """With Trainer's defaults (remove_unused_columns=True) the domain_ids column reaches the
+    experts: the model's forward signature names it."""
+    import inspect
+
     from transformers import Trainer, TrainingArguments
 
     model = build("gpt2")
     mh.add_domain_experts(model, ["a", "b"], layers_per_expert=1)
     mh.compose(model)
+    assert "domain_ids" in inspect.signature(model.forward).parameters
+    seen = []
+    for experts in mh.added_modules(model).values():
+        experts.register_forward_pre_hook(lambda module, args: seen.append(module.domain_ids))
     ids = batch(batch_size=4, seq=8)
     data = [{"input_ids": row, "labels": row, "domain_ids": torch.tensor(i % 2)} for i, row in enumerate(ids)]
     args = TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
-        report_to=[], use_cpu=True, save_strategy="no", remove_unused_columns=False,
+        report_to=[], use_cpu=True, save_strategy="no",
     )
     assert Trainer(model=model, args=args, train_dataset=data).train().global_step == 2
+    assert len(seen) == 2 * 2 and all(sorted(got.tolist()) == [0, 0, 1, 1] for got in seen)  # shuffled rows
+    mh.unpatch(model)
+    assert "forward" not in model.__dict__ and "save_pretrained" not in model.__dict__
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")  # v5.23
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_gradient_checkpointing_reaches_blocks_wrapped_by_domain_experts(name):
+    model = build(name)
+    mh.add_domain_experts(model, ["a"], layers_per_expert=1)
+    mh.compose(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    ids = batch()
+    model.train()
+    torch.manual_seed(0)  # the same dropout masks in both runs
+    model(ids, labels=ids).loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _, blocks = mh.surgery.blocks(model)
+    originals = [mh.surgery.unwrap(block) for block in blocks]
+    assert all(isinstance(block, mh.surgery.PatchedBlock) for block in blocks)
+    assert all(block.gradient_checkpointing for block in originals)
+    calls = []
+    for block in originals:  # count the checkpointed calls
+        def spy(*args, _inner=block._gradient_checkpointing_func, **kwargs):
+            calls.append(1)
+            return _inner(*args, **kwargs)
+
+        block._gradient_checkpointing_func = spy
+    torch.manual_seed(0)
+    model(ids, labels=ids).loss.backward()
+    assert len(calls) == len(originals)
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["bert", "llama"])
@@ -281,13 +368,25 @@ def test_torch_compile_matches_eager(name):
     torch.testing.assert_close(mh.neutral_residue_loss(model, mask), eager_loss, rtol=1e-5, atol=1e-6)
 
 
+def _greedy(model, ids, steps, **kwargs):
+    """Greedy decoding by full forwards on every prefix (no cache): the oracle of generate."""
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(ids, use_cache=False, **kwargs).logits[:, -1]
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
 @pytest.mark.parametrize("method", ["neutral_residue", "adapter", "adamix", "domain_experts"])
 @pytest.mark.parametrize("name", ["gpt2", "llama", "qwen3"])
 def test_generate_with_the_kv_cache_matches_generate_without(name, method):
     """A patched decoder generates with the KV cache (one new token per step through the added
-    modules, MoDE's expert layers included) exactly as it does recomputing every prefix."""
+    modules) exactly as it does recomputing every prefix. MoDE's active experts keep no cache:
+    generate refuses the cache with a clear error and generates right without it."""
     model = build(name)
     surgeries()[method](model)
+    if method == "domain_experts":
+        mh.compose(model)  # every expert takes part
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -296,10 +395,31 @@ def test_generate_with_the_kv_cache_matches_generate_without(name, method):
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
                   pad_token_id=0)
     with torch.no_grad():
-        cached = model.generate(ids, **kwargs)
         recomputed = model.generate(ids, use_cache=False, **kwargs)
+        if method == "domain_experts":
+            with pytest.raises(ValueError, match="generate with use_cache=False"):
+                model.generate(ids, **kwargs)
+            cached = _greedy(model, ids, 5)
+        else:
+            cached = model.generate(ids, **kwargs)
     assert cached.shape == (2, 10)
     assert torch.equal(cached, recomputed)
+
+
+def test_generate_passes_domain_ids_to_the_experts():
+    model = build("llama")
+    mh.add_domain_experts(model, ["a", "b"], layers_per_expert=1)
+    mh.compose(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.3)
+    ids = batch(batch_size=2, seq=5)
+    domain_ids = torch.tensor([1, -1])
+    with torch.no_grad():
+        out = model.generate(ids, domain_ids=domain_ids, use_cache=False, max_new_tokens=4, do_sample=False,
+                             pad_token_id=0)
+    assert torch.equal(out, _greedy(model, ids, 4, domain_ids=domain_ids))
 
 
 def test_triton_interpreter_runs_through_a_patched_model():

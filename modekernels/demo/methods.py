@@ -3,8 +3,12 @@
 Each function takes a pretrained causal LM (changed in place, so pass a copy) and
 :class:`MethodOptions`, and returns an :class:`Adapted`: the model to train, what trains, the
 extra loss and forward inputs the method needs, what to do after training (AdaMix merges its
-adapters) and how to save what it added. The module-based methods are sized to add about
-``options.ratio`` × the base model's parameters, so they compare at equal size.
+adapters) and how to save what it added. LoRA, the adapters, the neutral residues and AdaMix
+are sized to add about ``options.ratio`` × the base model's parameters, so they compare at equal
+size. MoDE cannot be sized that way: its expert is ``mode_layers`` whole transformer layers
+(copies of the backbone's blocks), which on the demo's models of a few layers adds about half
+of the base or more; MoEBERT's experts re-cut the dense FFNs. Compare those two with the others
+by the added-parameter column of the results.
 """
 
 from __future__ import annotations

@@ -10,15 +10,28 @@ model's. :func:`train_domain` activates one expert and makes only it trainable (
 
 A batch may mix domains: pass ``domain_ids`` (B,) to the model's forward; sequence i then mixes
 the backbone with expert ``domain_ids[i]`` only (-1: the backbone alone). Keep the ids on the CPU
-(then sequences bound for no expert cost nothing; see :class:`DomainExperts`). The experts of one
-block run together, each of their linear layers as one grouped GEMM over all domains. The expert
-layers run without the KV cache: generate with ``use_cache=False``.
+(then sequences bound for no expert cost nothing; see :class:`DomainExperts`). The model's forward
+takes ``domain_ids`` as a keyword argument of its signature (an instance attribute; the class is
+untouched), so ``Trainer`` keeps a ``domain_ids`` dataset column with its default
+``remove_unused_columns=True`` and ``generate(..., domain_ids=...)`` passes it to every step. The
+experts of one block run together, each of their linear layers as one grouped GEMM over all
+domains.
+
+The expert layers run without the KV cache: while an expert is active, generate with
+``use_cache=False`` (each step recomputes the prefix); a forward that is handed a cache
+(``past_key_values``, as ``generate`` does by default) raises ValueError rather than decode on
+from key/values the experts never stored. With no expert active the cache works as usual.
+
+The stage (which experts are active, and whether :func:`train_domain` or :func:`compose` set it)
+is part of the options that :func:`~modekernels.hf.save_modules` writes; ``load_modules`` and
+``port_modules`` restore it, with what trains.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -185,11 +198,17 @@ def _build(model: nn.Module, layer: int, options: dict) -> nn.Module:
             copy.load_state_dict({key: v for key, v in source.state_dict().items() if key in wanted})
             layers.append(copy)
         experts.append(layers)
-    surgery.ensure_forward_pre_hook(model, _route_hook)
+    surgery.set_instance_method(model, "forward", _forward_taking_domain_ids(type(model)))
     return DomainExperts(options["domains"], experts, surgery.hidden_size(model))
 
 
-METHOD = surgery.register_method(surgery.Method("domain_experts", "block", _build))
+def _restore(model: nn.Module, layer: int, options: dict) -> None:
+    """After loading: the saved stage on the experts at block ``layer`` (options saved before the
+    stage was recorded activate nothing)."""
+    _apply_stage(model, layer, options.get("active", []), options.get("stage"))
+
+
+METHOD = surgery.register_method(surgery.Method("domain_experts", "block", _build, _restore))
 
 
 def _experts(model: nn.Module) -> list:
@@ -204,41 +223,81 @@ def add_domain_experts(
     domains: Sequence[str],
     *,
     layers_per_expert: int = 2,
-    blocks: Optional[Iterable[int]] = None,
+    blocks: Optional[Iterable[int] | int] = None,
     freeze_base: bool = True,
 ) -> surgery.SurgeryReport:
-    """Add one expert per name in ``domains`` beside each chosen block (all when ``blocks`` is
-    None) of ``model``, in place: ``layers_per_expert`` layers of the host's block class,
-    initialised from the backbone's blocks, and a zero-initialised softmax gate. No expert is
+    """Add one expert per name in ``domains`` (a list of distinct names) beside each chosen block
+    (``blocks``: indices, one index, or None for all) of ``model``, in place: ``layers_per_expert``
+    layers of the host's block class, initialised from the backbone's dense blocks (where
+    :func:`~modekernels.hf.moefy` runs experts, from the dense FFN they replace), and a
+    zero-initialised softmax gate. No expert is
     active yet, so outputs equal the base model's. The model's forward accepts ``domain_ids``.
     Undo with :func:`unpatch`."""
+    if isinstance(domains, str):
+        raise ValueError(f"domains must be a list of names, not one string ({domains!r})")
     domains = list(domains)
     if not domains or len(set(domains)) != len(domains) or not all(isinstance(d, str) for d in domains):
         raise ValueError(f"domains must be distinct names, got {domains!r}")
     if not isinstance(layers_per_expert, int) or layers_per_expert < 1:
         raise ValueError(f"layers_per_expert must be a positive int, got {layers_per_expert!r}")
-    options = {"domains": domains, "layers_per_expert": layers_per_expert}
-    return surgery.apply(model, METHOD, blocks, options, freeze_base)
+    options = {"domains": domains, "layers_per_expert": layers_per_expert, "active": [], "stage": None}
+    return surgery.apply(model, METHOD, blocks, options, freeze_base, argument="blocks")
 
 
-def _route_hook(model: nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook: take ``domain_ids`` out of the model's keyword arguments and hand it
-    to every block's experts (None when absent: all active experts for every token)."""
-    ids = kwargs.pop("domain_ids", None)
-    if ids is not None and not isinstance(ids, torch.Tensor):
-        ids = torch.as_tensor(ids)
-    for experts in surgery.added_modules(model, METHOD.name).values():
-        experts.domain_ids = ids
-    return args, kwargs
+@functools.cache
+def _forward_taking_domain_ids(cls: type) -> Callable:
+    """``cls.forward`` with a keyword-only ``domain_ids`` added to its signature (bound to an
+    instance as its own ``forward``): routes the ids (:func:`_route`), then runs the class's
+    forward on the other arguments."""
+
+    def forward(self, *args, domain_ids=None, **kwargs):
+        _route(self, domain_ids, kwargs.get("past_key_values"))
+        return cls.forward(self, *args, **kwargs)
+
+    signature = inspect.signature(cls.forward)
+    params = list(signature.parameters.values())
+    at = len(params) - (params[-1].kind is inspect.Parameter.VAR_KEYWORD)
+    ids = inspect.Parameter("domain_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+    forward.__signature__ = signature.replace(parameters=params[:at] + [ids] + params[at:])
+    return forward
 
 
-def _set_trainable(model: nn.Module, active: list, train_gates: bool) -> int:
-    model.requires_grad_(False)
-    for experts in _experts(model):
-        experts.active = list(active)
-        for name in active:
+def _route(model: nn.Module, domain_ids, cache) -> None:
+    """Hand ``domain_ids`` (B,) to every block's experts (None: all active experts for every
+    token); raise ValueError when a KV cache reaches active experts, which keep none."""
+    if domain_ids is not None and not isinstance(domain_ids, torch.Tensor):
+        domain_ids = torch.as_tensor(domain_ids)
+    experts = list(surgery.added_modules(model, METHOD.name).values())
+    if cache is not None and any(module.active for module in experts):
+        raise ValueError(
+            "MoDE: the active domain experts do not use the KV cache (past_key_values), so "
+            "decoding on from it would be wrong; generate with use_cache=False"
+        )
+    for module in experts:
+        module.domain_ids = domain_ids
+
+
+def _apply_stage(model: nn.Module, layer: int, active: list, stage: Optional[str]) -> None:
+    """Activate the experts named in ``active`` at block ``layer`` (names its experts lack are
+    ignored) and record the stage in the options that ``save_modules`` writes. ``stage``
+    ``"train_domain"``: only the active experts train; ``"compose"``: the active experts and
+    the gate; None: leave what trains as it is."""
+    experts = surgery.module_at(model, METHOD, layer)
+    experts.active = [name for name in experts.domains if name in active]
+    if stage is not None:
+        experts.requires_grad_(False)
+        for name in experts.active:
             experts.experts[name].requires_grad_(True)
-        experts.gate.requires_grad_(train_gates)
+        experts.gate.requires_grad_(stage == "compose")
+    surgery.patch_records(model)[METHOD.name][layer].update(active=list(experts.active), stage=stage)
+
+
+def _set_stage(model: nn.Module, active: list, stage: str) -> int:
+    """Freeze the model, then :func:`_apply_stage` on every block with experts; returns the
+    number of trainable parameters."""
+    model.requires_grad_(False)
+    for layer in surgery.patch_records(model)[METHOD.name]:
+        _apply_stage(model, layer, active, stage)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -249,10 +308,10 @@ def train_domain(model: nn.Module, name: str) -> int:
     domains = _experts(model)[0].domains
     if name not in domains:
         raise ValueError(f"unknown domain {name!r}; the experts are for {domains}")
-    return _set_trainable(model, [name], train_gates=False)
+    return _set_stage(model, [name], "train_domain")
 
 
 def compose(model: nn.Module) -> int:
     """Stage 2: activate every expert and make all experts and gates trainable (backbone
     frozen). Returns the number of trainable parameters."""
-    return _set_trainable(model, list(_experts(model)[0].domains), train_gates=True)
+    return _set_stage(model, list(_experts(model)[0].domains), "compose")

@@ -23,13 +23,17 @@ def per_example_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """The default per-example loss (B,) of :func:`compute_ffn_importance`: cross-entropy of the
     model's logits against ``batch["labels"]`` (sequence classification: one label per example;
     token labels, -100 ignored, averaged per example and shifted by one for causal LMs), or the
-    next-token loss on ``input_ids`` when there are no labels."""
+    next-token loss on ``input_ids`` when there are no labels (positions where
+    ``batch["attention_mask"]`` is 0, padding, ignored)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits
     labels = batch.get("labels")
     causal = surgery.detect_family(model).name != "bert"
     if labels is None:
         labels = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            labels = labels.masked_fill(mask == 0, -100)
     if logits.dim() == 2:
         return F.cross_entropy(logits.float(), labels, reduction="none")
     if causal:
@@ -49,10 +53,27 @@ def compute_ffn_importance(
 
     ``batches``: dicts of model inputs (tensors with the batch first). ``loss_fn(model, batch)``
     returns the per-example losses (B,) (default :func:`per_example_loss`). Each example's
-    gradient is taken separately (one backward per example). The model's parameters and their
-    ``.grad`` are left unchanged; the model runs in eval mode (no dropout).
+    gradient is taken separately (one backward per example), also when called under
+    ``torch.no_grad`` or ``torch.inference_mode``. The model's parameters and their ``.grad``
+    are left unchanged; the model runs in eval mode (no dropout). The FFNs must be dense: call
+    it before :func:`~modekernels.hf.moefy` (ValueError after).
     """
-    loss_fn = loss_fn or per_example_loss
+    if "moefy" in surgery.patch_records(model):
+        raise ValueError(
+            "compute_ffn_importance scores the dense FFNs, which moefy's experts replace in this "
+            "model: compute the importance before moefy (or unpatch the model first)"
+        )
+    with torch.inference_mode(False), torch.enable_grad():
+        return _importance(model, batches, loss_fn or per_example_loss)
+
+
+def _inference_tensors_cloned(batch: dict) -> dict:
+    """``batch`` with tensors made under ``torch.inference_mode`` cloned into ordinary ones
+    (autograd cannot save inference tensors for backward)."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v for k, v in batch.items()}
+
+
+def _importance(model: nn.Module, batches: Iterable[dict], loss_fn: Callable) -> list:
     family = surgery.detect_family(model)
     _, block_list = surgery.blocks(model)
     ffns = [family.dense_ffn(block) for block in block_list]
@@ -65,7 +86,7 @@ def compute_ffn_importance(
         for p in params:
             p.requires_grad_(True)
         for batch in batches:
-            losses = loss_fn(model, batch)
+            losses = loss_fn(model, _inference_tensors_cloned(batch))
             for b in range(losses.shape[0]):
                 grads = iter(torch.autograd.grad(losses[b], params, retain_graph=b + 1 < losses.shape[0]))
                 for score, ffn in zip(scores, ffns):

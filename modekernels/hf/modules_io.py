@@ -8,9 +8,11 @@ parameter or buffer ``name`` of the ``method`` module at block ``block``) and ``
               "num_layers"},
      "methods": [{"method": "neutral_residue", "layers": [0, 1], "options": {...}}, ...]}
 
-(one entry per method and set of options). The backbone itself goes through the model's own
-``save_pretrained`` / ``from_pretrained``; :func:`load_modules` then rebuilds and fills the
-added modules.
+(one entry per method and set of options; the options include each method's state beyond its
+tensors, such as MoDE's active experts and stage). The backbone itself goes through the model's
+own ``save_pretrained`` / ``from_pretrained``; a patched model's ``save_pretrained`` also writes
+these two files beside its checkpoint, and :func:`load_modules` then rebuilds and fills the added
+modules in the model ``from_pretrained`` returns.
 """
 
 from __future__ import annotations
@@ -123,10 +125,13 @@ def _fill(module: nn.Module, saved: dict) -> None:
 
 
 def _transfer(model: nn.Module, directory: str, strict: bool, freeze_base: Optional[bool]) -> PortReport:
+    """Fit every saved module first (adding those the model lacks); when ``strict`` and some do
+    not fit, remove what this call added and raise before any tensor is loaded. Then load the
+    ones that fit, set what trains and restore each method's saved state."""
     config, tensors = _read(directory)
     _, block_list = surgery.blocks(model)
     report = PortReport()
-    touched: dict = {}
+    fits, created = [], []
     for group in config["methods"]:
         name = group["method"]
         if name not in surgery.METHODS:
@@ -139,29 +144,48 @@ def _transfer(model: nn.Module, directory: str, strict: bool, freeze_base: Optio
             if layer >= len(block_list):
                 report.refused[key] = f"the host has only {len(block_list)} blocks"
                 continue
-            module, created = surgery.module_at(model, method, layer), False
+            module = surgery.module_at(model, method, layer)
             if module is None:
                 try:
-                    module, created = surgery.attach(model, method, layer, group["options"]), True
+                    module = surgery.attach(model, method, layer, group["options"])
                 except (ValueError, RuntimeError) as exc:
                     report.refused[key] = f"cannot build the module on this host: {exc}"
                     continue
+                created.append((layer, name))
             saved = _saved(tensors, name, layer)
             reason = _mismatch(module, saved)
             if reason is not None:
-                if created:
-                    surgery.remove_added(model, layer, name)
                 report.refused[key] = reason
-                continue
-            _fill(module, saved)
-            report.moved.append(key)
-            touched.setdefault(name, []).append(layer)
+            else:
+                fits.append((group, layer, module, saved))
+    fitted = {(layer, group["method"]) for group, layer, _, _ in fits}
+    for layer, name in created:
+        if strict and report.refused or (layer, name) not in fitted:
+            surgery.remove_added(model, layer, name)
+    if not surgery.patch_records(model):  # nothing left: drop the instance state as well
+        surgery.unpatch(model)
     if strict and report.refused:
-        raise ValueError(f"load_modules: some modules do not fit this model:\n{report}")
-    for name, layers in touched.items():
-        options = surgery.patch_records(model)[name][layers[0]]
-        surgery.finish_surgery(model, name, layers, options, freeze_base)
+        raise ValueError(f"load_modules: some modules do not fit this model (nothing was changed):\n{report}")
+    for group, layer, module, saved in fits:
+        _fill(module, saved)
+        report.moved.append(f"{group['method']}.{layer}")
+    _finish(model, fits, freeze_base)
     return report
+
+
+def _finish(model: nn.Module, fits: list, freeze_base: Optional[bool]) -> None:
+    """Set what trains, per method, for the modules loaded, then let each method restore its
+    saved state on them (:attr:`surgery.Method.restore`)."""
+    loaded: dict = {}
+    for group, layer, _, _ in fits:
+        loaded.setdefault(group["method"], []).append((layer, group["options"]))
+    for name, entries in loaded.items():
+        layers = [layer for layer, _ in entries]
+        surgery.finish_surgery(model, name, layers, surgery.patch_records(model)[name][layers[0]], freeze_base)
+        restore = surgery.METHODS[name].restore
+        if restore is not None:
+            for layer, options in entries:
+                restore(model, layer, options)
 
 
 def load_modules(model: nn.Module, directory: str, *, freeze_base: bool = True) -> PortReport:

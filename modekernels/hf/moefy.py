@@ -152,6 +152,12 @@ def moefy(
     ``"learned"`` (top-1 with the balance loss) or ``"hash"`` (MoEBERT's fixed vocabulary → expert table, from the
     model's ``input_ids``). Add :func:`moe_losses`'s balance loss to the training loss. With
     ``freeze_base`` only the experts and routers train. Undo with :func:`unpatch`.
+
+    The dense FFN weights stay in the model under their names (frozen when ``freeze_base``,
+    unused by the forward, still holding their memory): the state dict and ``save_pretrained``
+    checkpoints keep every backbone key, :func:`unpatch` restores the dense FFN, also after
+    ``from_pretrained`` plus ``load_modules``, and :func:`~modekernels.hf.add_domain_experts`
+    copies them into its expert layers.
     """
     if routing not in ("learned", "hash"):
         raise ValueError(f"routing must be 'learned' or 'hash', got {routing!r}")

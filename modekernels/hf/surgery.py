@@ -16,9 +16,15 @@ family         blocks                      FFN of a block
 
 A wrapper (:class:`PatchedFFN`, :class:`PatchedBlock`) replaces one submodule of one instance.
 It holds the original module outside the module tree and registers the original's children as
-its own, so the backbone's parameter names (and ``save_pretrained`` checkpoints) do not change;
-the added modules live under the wrapper's ``added`` dict. Classes are never touched.
-:func:`unpatch` puts every original module back and restores which parameters were trainable.
+its own, so the backbone's parameter names do not change, even where experts replace a dense FFN
+(:func:`~modekernels.hf.moefy`: the dense weights stay under their names, frozen and unused, so
+that the checkpoint, :func:`unpatch` and surgeries that copy a block still find them; they keep
+their memory). The added modules live under the wrapper's ``added`` dict. Classes are never
+touched: a patched model gets instance attributes instead (its ``save_pretrained``, see
+:func:`save_pretrained_with_modules`; MoDE's ``forward``), which :func:`unpatch` removes along
+with putting every original module back and restoring which parameters were trainable.
+A wrapped transformer block still honours ``gradient_checkpointing_enable``: the wrapper passes
+the flag and the checkpointing function on to the original block.
 
 Added FFN modules follow one protocol: ``forward(x, h) -> h`` where x is the FFN input and h the
 FFN output so far (a parallel branch returns ``h + f(x)``, a post-FFN adapter ``h + f(h)``); a
@@ -28,6 +34,7 @@ dense FFN (MoEBERT's experts).
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -78,16 +85,14 @@ class DenseFFN:
 class Family:
     """Where the blocks and FFNs of one model family live.
 
-    ``ffn_attr`` names the submodule of a block that :class:`PatchedFFN` replaces;
-    ``dense_children`` the children of that submodule that hold the dense FFN (dropped from the
-    wrapper when experts replace it); ``style`` selects the wrapper's glue (``"bert"`` for
-    ``BertOutput``'s (h, x) call, ``"mlp"`` for an x -> y module).
+    ``ffn_attr`` names the submodule of a block that :class:`PatchedFFN` replaces; ``style``
+    selects the wrapper's glue (``"bert"`` for ``BertOutput``'s (h, x) call, ``"mlp"`` for an
+    x -> y module).
     """
 
-    def __init__(self, name: str, ffn_attr: str, dense_children: tuple, style: str):
+    def __init__(self, name: str, ffn_attr: str, style: str):
         self.name = name
         self.ffn_attr = ffn_attr
-        self.dense_children = dense_children
         self.style = style
 
     def __repr__(self) -> str:
@@ -118,9 +123,9 @@ class Family:
 
 
 FAMILIES = {
-    "bert": Family("bert", "output", ("dense",), "bert"),
-    "gpt2": Family("gpt2", "mlp", ("c_fc", "c_proj", "act"), "mlp"),
-    "llama": Family("llama", "mlp", ("gate_proj", "up_proj", "down_proj", "act_fn"), "mlp"),
+    "bert": Family("bert", "output", "bert"),
+    "gpt2": Family("gpt2", "mlp", "mlp"),
+    "llama": Family("llama", "mlp", "mlp"),
 }
 
 _BLOCK_LISTS = ("encoder.layer", "h", "layers", "decoder.layers")
@@ -185,19 +190,26 @@ def blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return _block_list(model)
 
 
-def resolve_layers(model: nn.Module, layers: Optional[Iterable[int]]) -> list[int]:
-    """Sorted block indices: all blocks when ``layers`` is None; negative indices count back."""
+def resolve_layers(
+    model: nn.Module, layers: Optional[Iterable[int] | int], argument: str = "layers"
+) -> list[int]:
+    """Sorted block indices: all blocks when ``layers`` is None, one block for an int; negative
+    indices count back. Errors name the caller's ``argument``."""
     _, block_list = _block_list(model)
     n = len(block_list)
     if layers is None:
         return list(range(n))
+    if isinstance(layers, int):
+        layers = [layers]
+    if isinstance(layers, str) or not isinstance(layers, Iterable):
+        raise ValueError(f"{argument} must be a block index or a list of them, got {layers!r}")
     out = set()
     for i in layers:
-        if not isinstance(i, int) or not -n <= i < n:
-            raise ValueError(f"layers: {i!r} is not a block index of a model with {n} blocks")
+        if not isinstance(i, int) or isinstance(i, bool) or not -n <= i < n:
+            raise ValueError(f"{argument}: {i!r} is not a block index of a model with {n} blocks")
         out.add(i % n)
     if not out:
-        raise ValueError("layers must name at least one block")
+        raise ValueError(f"{argument} must name at least one block")
     return sorted(out)
 
 
@@ -219,9 +231,27 @@ def unwrap(module: Optional[nn.Module]) -> Optional[nn.Module]:
     return module
 
 
+def _on_original(name: str) -> property:
+    """Attribute ``name`` read from and written to the wrapper's original module (absent when
+    the original has none)."""
+
+    def read(self):
+        return getattr(self.original, name)
+
+    def write(self, value):
+        setattr(self.original, name, value)
+
+    return property(read, write)
+
+
 class _Wrapper(nn.Module):
     """Base of the wrappers: shares the original's children (same parameter names) and keeps
-    the original itself outside the module tree, for :func:`unpatch`."""
+    the original itself outside the module tree, for :func:`unpatch`. transformers'
+    ``gradient_checkpointing`` flag and ``_gradient_checkpointing_func`` live on the original
+    (``gradient_checkpointing_enable`` finds them through the wrapper, which is in the tree)."""
+
+    gradient_checkpointing = _on_original("gradient_checkpointing")
+    _gradient_checkpointing_func = _on_original("_gradient_checkpointing_func")
 
     def __init__(self, original: nn.Module):
         super().__init__()
@@ -237,6 +267,13 @@ class _Wrapper(nn.Module):
             self.add_module(name, child)
         self.added = nn.ModuleDict()
         self.train(original.training)
+
+    def train(self, mode: bool = True) -> "_Wrapper":
+        """Set the training flag here and on the original (whose own forward may read it, as
+        transformers' gradient checkpointing does)."""
+        super().train(mode)
+        self.original.train(mode)
+        return self
 
     def _get_name(self) -> str:
         return f"{type(self).__name__}[{type(self.original).__name__}]"
@@ -287,13 +324,8 @@ class PatchedFFN(_Wrapper):
 
 class Bypass(_Wrapper):
     """Stands in for BERT's ``intermediate`` once experts replace the dense FFN: passes the FFN
-    input through to the patched ``output``, which runs the experts on it."""
-
-    def __init__(self, original: nn.Module):
-        super().__init__(original)
-        for name in list(self._modules):
-            if name != "added":
-                delattr(self, name)
+    input through to the patched ``output``, which runs the experts on it (the dense layer stays
+    registered, unused)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -343,17 +375,13 @@ def block_wrapper(model: nn.Module, layer: int, create: bool = True) -> Optional
     return wrapper
 
 
-def _bypass_dense(model: nn.Module, layer: int, wrapper: PatchedFFN) -> None:
-    """Experts replace the dense FFN of block ``layer``: drop its weights from the wrapper and,
-    for BERT, pass the FFN input straight through ``intermediate``."""
-    family = detect_family(model)
-    for name in family.dense_children:
-        if name in wrapper._modules:
-            delattr(wrapper, name)
+def _bypass_dense(model: nn.Module, layer: int) -> None:
+    """Experts replace the dense FFN of block ``layer``: for BERT, pass the FFN input straight
+    through ``intermediate`` (the other families' :class:`PatchedFFN` skips the dense FFN)."""
     _, block_list = _block_list(model)
     block = block_list[layer]
     intermediate = getattr(block, "intermediate", None)
-    if family.name == "bert" and not isinstance(intermediate, Bypass):
+    if detect_family(model).name == "bert" and not isinstance(intermediate, Bypass):
         replace_child(block, "intermediate", Bypass(intermediate))
 
 
@@ -369,8 +397,6 @@ def remove_added(model: nn.Module, layer: int, key: str) -> None:
         if not len(ffn.added):
             _restore_ffn(block_list[layer], family, ffn)
         elif replaced:  # back to the dense FFN
-            for name in family.dense_children:
-                ffn.add_module(name, getattr(ffn.original, name))
             intermediate = getattr(block_list[layer], "intermediate", None)
             if isinstance(intermediate, Bypass):
                 replace_child(block_list[layer], "intermediate", intermediate.original)
@@ -439,10 +465,45 @@ def _state(model: nn.Module) -> dict:
         state = {
             "records": {},
             "hooks": {},
+            "methods": set(),
             "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
         }
         model.__dict__[STATE_ATTR] = state
+        if hasattr(model, "save_pretrained"):
+            set_instance_method(model, "save_pretrained", save_pretrained_with_modules)
     return state
+
+
+def set_instance_method(model: nn.Module, name: str, function: Callable) -> None:
+    """Make ``function`` (called as ``function(model, ...)``) the method ``name`` of this
+    instance only, unless it already is; :func:`unpatch` removes it. The method is bound with
+    ``types.MethodType``, so ``copy.deepcopy(model)`` binds it to the copy. Raises ValueError
+    when the instance already has its own ``name`` from elsewhere."""
+    current = model.__dict__.get(name)
+    if isinstance(current, types.MethodType) and current.__func__ is function:
+        return
+    if current is not None:
+        raise ValueError(
+            f"{type(model).__name__} instance already has its own {name!r} (set by other code); "
+            "modekernels needs to set it: patch the model before that code runs"
+        )
+    _state(model)["methods"].add(name)
+    model.__dict__[name] = types.MethodType(function, model)
+
+
+def save_pretrained_with_modules(model: nn.Module, save_directory, *args, **kwargs):
+    """``save_pretrained`` of a patched model: the model's own checkpoint, added modules
+    included (so Trainer's ``resume_from_checkpoint`` and ``load_best_model_at_end``, which load
+    that file into the patched model, restore them), plus :func:`~modekernels.hf.save_modules`'
+    files in the same directory. ``load_modules(type(model).from_pretrained(d), d)`` rebuilds the
+    model from it; ``from_pretrained`` of the unpatched class lists the added tensors as
+    unexpected keys and leaves them to ``load_modules``."""
+    from modekernels.hf.modules_io import save_modules
+
+    result = type(model).save_pretrained(model, save_directory, *args, **kwargs)
+    if kwargs.get("is_main_process", True) and patch_records(model):
+        save_modules(model, save_directory)
+    return result
 
 
 def ensure_forward_pre_hook(model: nn.Module, hook: Callable) -> None:
@@ -510,6 +571,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     if state is not None:
         for handle in state["hooks"].values():
             handle.remove()
+        for name in state["methods"]:
+            model.__dict__.pop(name, None)
         for name, p in model.named_parameters():
             if name in state["requires_grad"]:
                 p.requires_grad_(state["requires_grad"][name])
@@ -526,12 +589,16 @@ class Method:
     ``build(model, layer, options)`` makes the module added at block ``layer`` (its key in the
     wrapper's ``added`` dict is ``name``); ``level`` is ``"ffn"`` (added to the block's
     :class:`PatchedFFN`) or ``"block"`` (to its :class:`PatchedBlock`). ``options`` is a JSON-able
-    dict that rebuilds the same modules on any host (saved by ``save_modules``).
+    dict that rebuilds the same modules on any host (saved by ``save_modules``). ``restore(model,
+    layer, options)``, when set, runs after ``load_modules`` / ``port_modules`` has filled the
+    module at block ``layer`` and set what trains: it restores the state beyond the tensors that
+    the saved ``options`` record (MoDE: which experts are active and train).
     """
 
     name: str
     level: str
     build: Callable[[nn.Module, int, dict], nn.Module]
+    restore: Optional[Callable[[nn.Module, int, dict], None]] = None
 
 
 METHODS: dict = {}
@@ -559,7 +626,7 @@ def attach(model: nn.Module, method: Method, layer: int, options: dict) -> nn.Mo
     module.train(wrapper.training)
     wrapper.added[method.name] = module
     if getattr(module, "replaces_ffn", False):
-        _bypass_dense(model, layer, wrapper)
+        _bypass_dense(model, layer)
     _state(model)["records"].setdefault(method.name, {})[layer] = dict(options)
     return module
 
@@ -571,10 +638,16 @@ def module_at(model: nn.Module, method: Method, layer: int) -> Optional[nn.Modul
 
 
 def apply(
-    model: nn.Module, method: Method, layers: Optional[Iterable[int]], options: dict, freeze_base: bool
+    model: nn.Module,
+    method: Method,
+    layers: Optional[Iterable[int] | int],
+    options: dict,
+    freeze_base: bool,
+    argument: str = "layers",
 ) -> SurgeryReport:
-    """Add ``method``'s modules to the chosen blocks of ``model`` and report what was added."""
-    chosen = resolve_layers(model, layers)
+    """Add ``method``'s modules to the chosen blocks of ``model`` and report what was added;
+    ``argument`` names ``layers`` in errors as the caller's signature does."""
+    chosen = resolve_layers(model, layers, argument)
     if method.name in patch_records(model):
         raise ValueError(f"{method.name} is already applied to this model; unpatch(model) first")
     for layer in chosen:
