@@ -4,16 +4,22 @@ Semantics are those of :mod:`modekernels.reference.routing`. Three launches, non
 a device value on the host:
 
 1. rows: each program reads ``tiles`` tiles of ``block_t`` rows. For routing it reads the logits
-   once and writes each row's expert (first maximum), gate (1 / Σ exp(x − max)) and logsumexp,
-   plus the program's per-expert token counts and probability sums and its Σ logsumexp²; for a
-   plain sort it only counts.
-2. scan: one program per expert turns its counts over the row programs into exclusive prefixes
-   (in place; the total lands in the last column) and sums its probability partials in program
-   order, so every reduction has a fixed order and the result is deterministic.
+   once and writes each row's expert (first maximum; the first NaN if the row has one, as
+   ``torch.argmax``), gate (1 / Σ exp(x − max)) and logsumexp, plus the program's per-expert
+   token counts and probability sums and its Σ logsumexp²; for a plain sort it only counts.
+   Counts row E holds each program's entries whose index names no expert (outside [0, E): the
+   host checks the values of CPU tensors only, so a GPU sort can get them; argmax never does).
+2. scan: one program per counts row (E + 1) turns its counts over the row programs into
+   exclusive prefixes (in place; the total lands in the last column) and sums its probability
+   partials in program order, so every reduction has a fixed order and the result is
+   deterministic.
 3. scatter: each row program ranks its entries within their expert (prefix of the programs before
    it plus an in-tile cumulative sum), drops ranks at or past the capacity, and writes each entry's
    index to its slot of ``perm``: kept entries at ``start[expert] + rank``, dropped ones after all
-   kept ones in position order. Program 0 writes ``offs``, the counts and the two losses.
+   kept ones in position order. An entry that names no expert goes with the dropped ones and
+   counts for no expert (the cuda backend's rule), so ``perm`` stays a permutation and
+   ``offs[-1]`` counts the valid entries. Program 0 writes ``offs``, the counts and the two
+   losses.
 """
 
 from __future__ import annotations
@@ -62,9 +68,26 @@ class Blocking:
 
 
 @triton.jit
-def _one_hot(idx, row_ok, cols):
-    """(BLOCK_T, BLOCK_E) int32: 1 where the row is real and its index is the column."""
-    return ((idx[:, None] == cols[None, :]) & row_ok[:, None]).to(tl.int32)
+def _names_expert(idx, row_ok, num_experts):
+    """(BLOCK_T,) bool: the row is real and its index lies in [0, num_experts)."""
+    return row_ok & (idx >= 0) & (idx < num_experts)
+
+
+@triton.jit
+def _one_hot(idx, valid, cols):
+    """(BLOCK_T, BLOCK_E) int32: 1 where the row is valid (:func:`_names_expert`) and its index is
+    the column (an invalid index may equal a padding column ≥ E)."""
+    return ((idx[:, None] == cols[None, :]) & valid[:, None]).to(tl.int32)
+
+
+@triton.jit
+def _first_max(x, cols, BLOCK_E: tl.constexpr):
+    """(BLOCK_T,) int32: each row's first maximum of x (BLOCK_T, BLOCK_E), a NaN above every
+    number (the first NaN wins, even over +inf), as ``torch.argmax``: ``tl.argmax`` has no NaN
+    rule, its pick would depend on the reduction order."""
+    is_nan = x != x  # only a NaN differs from itself
+    first_nan = tl.min(tl.where(is_nan, cols[None, :], BLOCK_E), 1)
+    return tl.where(first_nan < BLOCK_E, first_nan, tl.argmax(x, 1, tie_break_left=True))
 
 
 @triton.jit
@@ -86,7 +109,7 @@ def _route_rows_kernel(
         x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=float("-inf"))
         x = tl.where(row_ok[:, None], x.to(tl.float32), 0.0)  # no -inf rows, hence no NaN
         row_max = tl.max(x, 1)
-        idx = tl.argmax(x, 1, tie_break_left=True)
+        idx = _first_max(x, cols, BLOCK_E)
         exps = tl.exp(x - row_max[:, None])
         sum_exp = tl.sum(exps, 1)
         lse = row_max + tl.log(sum_exp)
@@ -98,6 +121,7 @@ def _route_rows_kernel(
         tl.store(gate_ptr + rows, inv_sum.to(gate_ptr.dtype.element_ty), mask=row_ok)
         tl.store(lse_ptr + rows, lse, mask=row_ok)
     tl.store(counts_ptr + cols * ld + pid, counts, mask=col_ok)
+    tl.store(counts_ptr + num_experts * ld + pid, tl.zeros([], tl.int32))  # argmax names one
     tl.store(probs_ptr + cols * ld + pid, prob_sums, mask=col_ok)
     tl.store(zpart_ptr + pid, tl.sum(z_sums, 0))
 
@@ -110,19 +134,26 @@ def _count_rows_kernel(
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
     counts = tl.zeros([BLOCK_E], tl.int32)
+    outside = tl.zeros([], tl.int32)
     for tile in range(TILES):
         rows = (pid * TILES + tile) * BLOCK_T + tl.arange(0, BLOCK_T)
         row_ok = rows < num_entries
         idx = tl.load(idx_ptr + rows, mask=row_ok, other=0)
-        counts += tl.sum(_one_hot(idx, row_ok, cols), 0)
+        valid = _names_expert(idx, row_ok, num_experts)
+        counts += tl.sum(_one_hot(idx, valid, cols), 0)
+        outside += tl.sum(row_ok.to(tl.int32) - valid.to(tl.int32), 0)
     tl.store(counts_ptr + cols * ld + pid, counts, mask=cols < num_experts)
+    tl.store(counts_ptr + num_experts * ld + pid, outside)
 
 
 @triton.jit
-def _scan_kernel(counts_ptr, probs_ptr, num_programs, ld, ROUTING: tl.constexpr,
+def _scan_kernel(counts_ptr, probs_ptr, num_experts, num_programs, ld, ROUTING: tl.constexpr,
                  CHUNK: tl.constexpr):
+    """Program r of E + 1 scans counts row r; probabilities exist for the experts (r < E) only."""
     expert = tl.program_id(0)
     row = expert * ld
+    has_probs = expert < num_experts
+    prob_programs = tl.where(has_probs, num_programs, 0)
     seen = tl.zeros([], tl.int32)
     prob_total = tl.zeros([], tl.float32)
     for start in range(0, num_programs, CHUNK):
@@ -132,10 +163,11 @@ def _scan_kernel(counts_ptr, probs_ptr, num_programs, ld, ROUTING: tl.constexpr,
         tl.store(counts_ptr + row + block, seen + tl.cumsum(counts, 0) - counts, mask=ok)
         seen += tl.sum(counts, 0)
         if ROUTING:
-            prob_total += tl.sum(tl.load(probs_ptr + row + block, mask=ok, other=0.0), 0)
+            prob_total += tl.sum(
+                tl.load(probs_ptr + row + block, mask=block < prob_programs, other=0.0), 0)
     tl.store(counts_ptr + row + num_programs, seen)
     if ROUTING:
-        tl.store(probs_ptr + row + num_programs, prob_total)
+        tl.store(probs_ptr + row + num_programs, prob_total, mask=has_probs)
 
 
 @triton.jit
@@ -154,17 +186,20 @@ def _scatter_kernel(
     kept_end = tl.cumsum(kept, 0)
     kept_start = kept_end - kept
     num_kept = tl.sum(kept, 0)
-    # Entries of each expert in the programs before this one, and how many of them were dropped.
+    # Entries of each expert in the programs before this one, and how many entries those
+    # programs sent after the kept ones: dropped, or naming no expert.
     seen = tl.load(counts_ptr + cols * ld + pid, mask=col_ok, other=0)
-    dropped_seen = tl.sum(tl.maximum(seen - capacity, 0), 0)
+    outside_seen = tl.load(counts_ptr + num_experts * ld + pid)
+    dropped_seen = tl.sum(tl.maximum(seen - capacity, 0), 0) + outside_seen
     for tile in range(TILES):
         rows = (pid * TILES + tile) * BLOCK_T + tl.arange(0, BLOCK_T)
         row_ok = rows < num_entries
         idx = tl.load(idx_ptr + rows, mask=row_ok, other=0)
-        hot = _one_hot(idx, row_ok, cols)
+        valid = _names_expert(idx, row_ok, num_experts)
+        hot = _one_hot(idx, valid, cols)
         rank = tl.sum(hot * (seen[None, :] + tl.cumsum(hot, 0) - 1), 1)
         kept_dest = tl.sum(hot * kept_start[None, :], 1) + rank
-        drop = (rank >= capacity) & row_ok
+        drop = row_ok & (~valid | (rank >= capacity))
         drops = drop.to(tl.int32)
         drop_rank = dropped_seen + tl.cumsum(drops, 0) - drops
         dest = tl.where(drop, num_kept + drop_rank, kept_dest)
@@ -253,7 +288,7 @@ def route_top1(
     b = blocking or Blocking.for_shape(num_tokens, num_experts)
     programs = b.programs(num_tokens)
     ld = programs + 1
-    counts = torch.empty(num_experts, ld, dtype=torch.int32, device=device)
+    counts = torch.empty(num_experts + 1, ld, dtype=torch.int32, device=device)
     prob_sums = torch.empty(num_experts, ld, dtype=torch.float32, device=device)
     z_sums = torch.empty(programs, dtype=torch.float32, device=device)
     _route_rows_kernel[(programs,)](
@@ -261,8 +296,8 @@ def route_top1(
         expert_idx, gate, lse, counts, prob_sums, z_sums, ld,
         TILES=b.tiles, BLOCK_T=b.block_t, BLOCK_E=b.block_e, num_warps=b.num_warps,
     )
-    _scan_kernel[(num_experts,)](counts, prob_sums, programs, ld, ROUTING=True,
-                                 CHUNK=b.scan_chunk)
+    _scan_kernel[(num_experts + 1,)](counts, prob_sums, num_experts, programs, ld, ROUTING=True,
+                                     CHUNK=b.scan_chunk)
     _scatter_kernel[(programs,)](
         expert_idx, num_tokens, num_experts, capacity, counts, ld, programs, perm, offs,
         tokens_per_expert, routed, gate, dropped, prob_sums, z_sums, aux_loss, z_loss,
@@ -276,7 +311,9 @@ def route_top1(
 def sort_by_expert(
     expert_idx: torch.Tensor, num_experts: int, blocking: Blocking | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Counting sort of the flattened slots by expert; same result as the reference."""
+    """Counting sort of the flattened slots by expert; same result as the reference. Slots whose
+    index lies outside [0, num_experts) (unchecked on a GPU) go after all others in position order
+    and count for no expert in ``offs``, as in the cuda backend."""
     flat = expert_idx.reshape(-1).contiguous()
     num_entries = flat.numel()
     perm = torch.empty(num_entries, dtype=torch.int64, device=flat.device)
@@ -287,12 +324,13 @@ def sort_by_expert(
     b = blocking or Blocking.for_shape(num_entries, num_experts)
     programs = b.programs(num_entries)
     ld = programs + 1
-    counts = torch.empty(num_experts, ld, dtype=torch.int32, device=flat.device)
+    counts = torch.empty(num_experts + 1, ld, dtype=torch.int32, device=flat.device)
     _count_rows_kernel[(programs,)](
         flat, num_entries, num_experts, counts, ld,
         TILES=b.tiles, BLOCK_T=b.block_t, BLOCK_E=b.block_e, num_warps=b.num_warps,
     )
-    _scan_kernel[(num_experts,)](counts, None, programs, ld, ROUTING=False, CHUNK=b.scan_chunk)
+    _scan_kernel[(num_experts + 1,)](counts, None, num_experts, programs, ld, ROUTING=False,
+                                     CHUNK=b.scan_chunk)
     _scatter_kernel[(programs,)](
         flat, num_entries, num_experts, num_entries, counts, ld, programs, perm, offs,
         None, None, None, None, None, None, None, None,
