@@ -2,7 +2,8 @@
 
 Metadata checks (rank, dtype, device, shape) are cheap and run everywhere, the fake kernels
 included. Value checks (offsets, indices) read tensor values, so they run only where the host can
-see them without a device synchronisation: CPU tensors, outside ``torch.compile`` tracing.
+see them without a device synchronisation: CPU tensors, outside ``torch.compile`` tracing. Checks
+of a number argument likewise run only where it is concrete (:func:`number_visible`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ def check_dim(name: str, actual: int, expected: int, what: str) -> None:
     """Raise if a dimension differs from the one implied by another argument."""
     if actual != expected:
         raise ValueError(f"{name} must be {expected} ({what}), got {actual}")
+
+
+def number_visible(value: object) -> bool:
+    """Whether checks may read the number ``value``: not while ``torch.compile`` traces, which
+    may stand a SymInt, a SymFloat or a 0-d tensor in for an int or float that varies between
+    calls, and not symbolic. The op's real kernel sees the concrete number and checks it."""
+    symbolic = isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool))
+    return not symbolic and not torch.compiler.is_compiling()
 
 
 def values_visible(t: torch.Tensor) -> bool:

@@ -8,8 +8,17 @@ Precedence, highest first:
 4. the automatic choice: the fastest backend for the device that can run the call
    (``reference`` on the CPU).
 
+Every op's real kernel applies this precedence when it runs (:meth:`Dispatch.__call__`), so a
+direct ``torch.ops.modekernels.*`` call and an exported or compiled graph (which records the
+argument, usually None) follow :func:`use_backend` and the environment as they stand at that
+moment, as the public functions do. An eager backward runs on the backend requested when its
+forward ran (:func:`backward_request`), so a ``backward()`` outside the ``use_backend`` block of
+its forward stays on the same backend; a compiled one resolves the request when it runs.
+
 An explicit choice (1-3) that cannot run raises :class:`BackendUnavailable` saying why. The
-automatic choice falls back to the next backend and logs the reason once per (op, backend).
+automatic choice falls back to the next backend and logs each reason once: at WARNING when the
+fallback lands on ``reference`` for a CUDA tensor (slow, and it reads values on the host), at
+INFO otherwise.
 
 Each op declares its implementations with a :class:`Dispatch` table of import paths, so that
 importing :mod:`modekernels` imports neither Triton kernels nor the CUDA extension.
@@ -91,6 +100,16 @@ def requested(argument: str | None = None) -> str | None:
     env = os.environ.get(ENV_VAR) or None
     _check_name(env, f"the environment variable {ENV_VAR}")
     return env
+
+
+def backward_request(backend: str | None, output: torch.Tensor) -> str | None:
+    """The request an op's autograd context keeps for its backward, from the forward's
+    ``backend`` argument and one of its ``output`` tensors: where the forward really ran (a plain
+    tensor), :func:`requested` as it stood then, so that a ``backward()`` outside the
+    ``use_backend`` block of its forward stays on that backend; while a graph is traced (fake or
+    functional tensors), the argument alone, so that a compiled backward resolves the request
+    when it runs instead of keeping the one of the tracing."""
+    return requested(backend) if type(output) is torch.Tensor else backend
 
 
 @contextlib.contextmanager
@@ -226,19 +245,36 @@ class Dispatch:
         if device.type != "cuda":
             return "reference"
         order = self.prefer(device, args) if callable(self.prefer) else self.prefer
+        skipped = []
         for candidate in order:
             reason = self._reason(candidate, device, args)
             if reason is None:
-                return candidate
-            key = (self.op, candidate, reason)
-            if key not in _logged:
-                _logged.add(key)
-                logger.info("modekernels: %s skips the %s backend: %s", self.op, candidate, reason)
-        return "reference"  # unreachable: reference always runs
+                break
+            skipped.append((candidate, reason))
+        else:
+            candidate = "reference"  # a custom order without it: the reference always runs
+        for name, reason in skipped:
+            self._log_once(name, reason, to_reference=candidate == "reference")
+        return candidate
+
+    def _log_once(self, backend: str, reason: str, *, to_reference: bool) -> None:
+        """Log why the automatic choice skipped ``backend``, once per reason: a warning when the
+        call then runs on the reference (slow on a GPU, and it reads values on the host)."""
+        key = (self.op, backend, reason)
+        if key in _logged:
+            return
+        _logged.add(key)
+        message = f"modekernels: {self.op} skips the {backend} backend: {reason}"
+        if to_reference:
+            logger.warning("%s; it runs on the slow reference backend", message)
+        else:
+            logger.info("%s", message)
 
     def __call__(self, backend: str | None, device: torch.device, *args):
-        """Resolve the backend for ``args`` on ``device`` and run its implementation."""
-        chosen = self.resolve(backend, device, args)
+        """Run the implementation that :meth:`resolve` picks for ``args`` on ``device``;
+        ``backend`` is the op's argument, to which the precedence of :func:`requested`
+        (``use_backend``, then the environment) is applied here, when the op runs."""
+        chosen = self.resolve(requested(backend), device, args)
         for runs in _recorders:
             runs[self.op] = chosen
         return self._load(chosen)(*args)

@@ -43,6 +43,15 @@ def _extension() -> str:
     return f"built and importable (kernels for {archs}; grouped GEMMs: {gemms})"
 
 
+def _selected() -> str:
+    """The backend choice of ``use_backend`` or the environment, "automatic", or why the
+    setting is invalid (then every op call raises the same error)."""
+    try:
+        return backends.get_backend() or "automatic"
+    except ValueError as exc:
+        return f"invalid: {exc}"
+
+
 def collect() -> dict:
     """Versions, devices and, per device, each backend's availability (None) or the reason."""
     return {
@@ -62,7 +71,7 @@ def collect() -> dict:
             for device in _devices()
         },
         "cuda extension": _extension(),
-        "selected": backends.get_backend() or "automatic",
+        "selected": _selected(),
     }
 
 

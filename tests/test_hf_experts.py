@@ -71,10 +71,15 @@ def assert_close(got, want):
 
 
 def test_register_is_idempotent_and_runs_on_import():
+    """Importing ``modekernels.hf`` registered the forward; registering again changes nothing in
+    transformers' registry (no entry added, none replaced)."""
     assert ALL_EXPERTS_FUNCTIONS["modekernels"] is modekernels.hf.experts.modekernels_experts_forward
+    before = dict(ALL_EXPERTS_FUNCTIONS)
     modekernels.hf.register()
     modekernels.hf.register()
-    assert list(ALL_EXPERTS_FUNCTIONS).count("modekernels") == 1
+    after = dict(ALL_EXPERTS_FUNCTIONS)
+    assert after.keys() == before.keys()
+    assert all(after[name] is before[name] for name in before)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

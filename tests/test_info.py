@@ -4,6 +4,7 @@ availability with the reason where it cannot run, and what the CUDA extension ho
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -49,3 +50,21 @@ def test_python_dash_m_runs_info():
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("modekernels environment")
+
+
+def test_info_reports_an_invalid_backend_setting(capsys, monkeypatch):
+    """An unknown MODEKERNELS_BACKEND is part of the report (every op call would raise), not a
+    traceback: the command still prints everything and exits 0."""
+    monkeypatch.setenv(backends.ENV_VAR, "cutlass")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert ("  backend choice: invalid: the environment variable MODEKERNELS_BACKEND must be one "
+            "of ('reference', 'triton', 'cuda') or None, got 'cutlass'") in out
+    assert "    reference  available" in out
+    assert main(["info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["selected"].startswith("invalid: ")
+    env = {**os.environ, backends.ENV_VAR: "cutlass"}
+    run = subprocess.run([sys.executable, "-m", "modekernels", "info"], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+    assert "backend choice: invalid" in run.stdout

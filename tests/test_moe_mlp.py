@@ -111,9 +111,10 @@ def test_forward_matches_float64_oracle(backend, dtype, case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=repr)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gradients_match_float64_oracle(backend, case):
-    inputs = make_inputs(case, torch.float32, linear_layout=case.k != 3)
+def test_gradients_match_float64_oracle(backend, dtype, case):
+    inputs = make_inputs(case, dtype, linear_layout=case.k != 3)
     x, idx, gate, w1, w2, b1, b2 = inputs
     leaves = [t for t in (x, gate, w1, w2, b1, b2) if t is not None]
     for t in leaves:
@@ -439,3 +440,32 @@ def test_router_hash_and_random_modes():
     assert out.aux_loss == 0 and out.z_loss == 0
     with pytest.raises(ValueError, match="mode must be one of"):
         Top1Router(8, 4, mode="top2")
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["automatic-dynamic", "dynamic"])
+def test_module_compiles_with_a_capacity_factor_that_varies(dynamic):
+    """MoEMLP whose router's capacity factor changes between calls (train and eval values):
+    one full graph, equal to eager."""
+    from modekernels.nn import MoEMLP
+
+    layer = MoEMLP(16, 12, 5, activation="silu", gated=True, capacity_factor=1.25).to(DEVICE)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    x = torch.randn(40, 16, device=DEVICE)
+    for capacity_factor in (1.25, 2.0, 0.5):
+        layer.router.capacity_factor = capacity_factor
+        torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+
+
+def test_compiles_with_dynamic_shapes_and_the_weights_as_inputs():
+    """moe_mlp under dynamic=True with the weights as graph inputs: the expert count
+    ``w1.shape[0]`` is a SymInt; the results equal eager for two shapes."""
+
+    def forward(x, expert_idx, gate, w1, w2):
+        return modekernels.moe_mlp(x, expert_idx, gate, w1, w2, activation="gelu", gated=False)
+
+    compiled = torch.compile(forward, fullgraph=True, dynamic=True, backend="aot_eager")
+    for T, H, I, E in ((7, 16, 12, 5), (11, 8, 6, 3)):
+        inputs = (torch.randn(T, H, device=DEVICE), torch.randint(0, E, (T,), device=DEVICE),
+                  torch.rand(T, device=DEVICE), torch.randn(E, H, I, device=DEVICE),
+                  torch.randn(E, I, H, device=DEVICE))
+        torch.testing.assert_close(compiled(*inputs), forward(*inputs), rtol=0, atol=0)

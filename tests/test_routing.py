@@ -185,13 +185,29 @@ def test_cuda_route_across_chunks(backend, chunking, capacity_factor):
     assert routed.tolist() == torch.bincount(routing.expert_idx, minlength=num_experts).tolist()
 
 
-@pytest.mark.parametrize("backend", backend_params("cuda"))
-def test_cuda_nan_logits_pick_the_nan_like_argmax(backend):
+def _assert_same_choices(routing: modekernels.Routing, expected: modekernels.Routing) -> None:
+    """Equal experts, perm, counts and drops, and equal gates with NaN where ``expected`` has NaN
+    (for logits the float64 oracle cannot order: NaN, ±inf)."""
+    for name in ("expert_idx", "perm", "offs", "tokens_per_expert", "dropped"):
+        assert torch.equal(getattr(routing, name), getattr(expected, name)), name
+    torch.testing.assert_close(routing.gate, expected.gate, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_logits_pick_the_nan_like_argmax(backend):
+    """A NaN counts above every number, +inf included, and the first NaN wins (torch.argmax's
+    rule; Triton's argmax alone has none); the rest of the routing follows from that choice."""
+    nan, inf = float("nan"), float("inf")
     logits = torch.randn(40, 37, device=DEVICE)
-    logits[3, 20] = float("nan")
-    logits[5, 2] = logits[5, 30] = float("nan")
-    routing = modekernels.route_top1(logits, backend=backend)
+    logits[3, 20] = nan
+    logits[5, 2] = logits[5, 30] = nan
+    logits[7, 4], logits[7, 9] = inf, nan
+    logits[8, 1], logits[8, 6] = nan, inf
+    logits[9] = nan
+    routing = modekernels.route_top1(logits, capacity_factor=1.0, backend=backend)
     assert torch.equal(routing.expert_idx, torch.argmax(logits, dim=-1))
+    _assert_same_choices(
+        routing, modekernels.route_top1(logits, capacity_factor=1.0, backend="reference"))
 
 
 @pytest.mark.parametrize("backend", backend_params("triton", "cuda"))
@@ -218,7 +234,7 @@ def _differentiable_oracle(logits: torch.Tensor, routing: modekernels.Routing):
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 0.6], ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_route_top1_gradients(backend, dtype, capacity_factor):
     num_tokens, num_experts = 53, 5
@@ -230,7 +246,7 @@ def test_route_top1_gradients(backend, dtype, capacity_factor):
     x, gate, aux, z = _differentiable_oracle(logits, routing)
     ((gate * weight.double()).sum() + 0.3 * aux + 0.7 * z).backward()
     assert logits.grad.dtype == dtype
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    tol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(logits.grad.double(), x.grad, rtol=tol, atol=tol)
 
 
@@ -344,14 +360,74 @@ def test_cuda_sort_across_chunks(backend, chunking, dtype):
     assert torch.equal(offs.cpu(), expected_offs)
 
 
-@pytest.mark.parametrize("backend", backend_params("cuda"))
-def test_cuda_sort_puts_out_of_range_indices_last(backend):
+def _unchecked_kernel(backend: str, name: str, *args):
+    """The triton or cuda kernel ``name`` called directly, past the op's host checks (as a GPU
+    caller's values pass them), over several row programs of two tiles and a scan of several
+    steps (triton) or chunks of 3 rows (cuda)."""
+    if backend == "triton":
+        tk = _triton()
+        return getattr(tk, name)(*args, tk.Blocking(8, 16, 2, 2))
+    return getattr(_cuda(), name)(*args, 3)
+
+
+@pytest.mark.parametrize("backend", backend_params("triton", "cuda"))
+def test_sort_puts_out_of_range_indices_last(backend):
     """Indices outside [0, E) (which the Python checks reject where they can see the values) are
-    counted by no expert and go after all others in position order: perm stays a permutation."""
+    counted by no expert and go after all others in position order: perm stays a permutation,
+    the same in both kernels."""
     expert_idx = torch.tensor([2, -1, 0, 7, 2, 1, 3, 0], device=DEVICE)
-    perm, offs = _cuda().sort_by_expert(expert_idx, 3, 3)
+    perm, offs = _unchecked_kernel(backend, "sort_by_expert", expert_idx, 3)
     assert perm.tolist() == [2, 7, 5, 0, 4, 1, 3, 6]
     assert offs.tolist() == [2, 3, 5]
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32], ids=str)
+@pytest.mark.parametrize("backend", backend_params("triton", "cuda"))
+def test_unchecked_out_of_range_indices_keep_perm_a_permutation(backend, dtype, poisoned):
+    """Random (T, k) indices, two thirds of them outside [0, E): negative, past E among the
+    triton tile's padding columns, past those, and the dtype's extremes, across programs and
+    chunks."""
+    from modekernels.reference import routing as ref
+
+    num_experts = 5
+    expert_idx = torch.randint(-num_experts, 2 * num_experts, (37, 2), dtype=dtype)
+    info = torch.iinfo(dtype)
+    expert_idx[:3] = torch.tensor([[info.min, -1], [num_experts, 15], [16, info.max]])
+    perm, offs = _unchecked_kernel(backend, "sort_by_expert", expert_idx.to(DEVICE), num_experts)
+    perm, offs = perm.cpu(), offs.cpu()
+    flat = expert_idx.reshape(-1)
+    valid = (flat >= 0) & (flat < num_experts)
+    positions = torch.arange(flat.numel())
+    expected_perm, expected_offs = ref.sort_by_expert(flat[valid], num_experts)
+    num_valid = int(valid.sum())
+    assert torch.equal(perm.sort().values, positions)
+    assert offs[-1] == num_valid
+    assert torch.equal(offs, expected_offs)
+    assert torch.equal(perm[:num_valid], positions[valid][expected_perm])
+    assert torch.equal(perm[num_valid:], positions[~valid])
+
+
+@pytest.mark.parametrize("capacity", [0, 3])
+@pytest.mark.parametrize("backend", backend_params("triton", "cuda"))
+def test_kernels_route_infinite_rows_and_capacity_zero(backend, capacity):
+    """What the op's host code never passes or cannot see: capacity 0 (every token dropped, gate
+    0), a row of -inf (expert 0), rows holding +inf (their first +inf). Every output but lse and
+    the losses equals the reference's (a -inf row has lse -inf there, NaN in the kernels; the
+    losses are then NaN or inf)."""
+    from modekernels.reference import routing as ref
+
+    inf = float("inf")
+    logits = torch.randn(29, 6, device=DEVICE)
+    logits[4] = -inf
+    logits[7, 2] = logits[7, 5] = inf
+    logits[11, 3] = inf
+    routing, _, routed = _as_routing(_unchecked_kernel(backend, "route_top1", logits, capacity))
+    expected, _, expected_routed = _as_routing(ref.route_top1(logits, capacity))
+    assert routing.expert_idx[[4, 7, 11]].tolist() == [0, 2, 3]
+    _assert_same_choices(routing, expected)
+    assert torch.equal(routed, expected_routed)
+    if capacity == 0:
+        assert torch.all(routing.dropped) and torch.all(routing.gate == 0)
 
 
 @settings(max_examples=8, deadline=None)
@@ -550,3 +626,27 @@ def test_backend_declines_too_many_experts(backend, limit):
     with pytest.raises(backends.BackendUnavailable, match=f"at most {limit} experts"):
         modekernels.sort_by_expert(torch.zeros(4, dtype=torch.int64, device=DEVICE),
                                    limit + 1, backend=backend)
+
+
+def _route_and_loss(logits, capacity_factor):
+    routing = modekernels.route_top1(logits, capacity_factor=capacity_factor)
+    return routing, routing.gate.sum() + routing.aux_loss + routing.z_loss
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["automatic-dynamic", "dynamic"])
+def test_compile_takes_a_capacity_factor_that_varies(dynamic):
+    """A capacity factor that changes between calls (dynamo then traces it as a SymFloat), and
+    dynamic shapes from the start: one full graph, equal to eager, forward and gradient; a bad
+    factor is still refused, by the op when it runs."""
+    compiled = torch.compile(_route_and_loss, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    for num_tokens, capacity_factor in ((20, 1.0), (20, 0.5), (13, 0.75)):
+        logits = torch.randn(num_tokens, 4, device=DEVICE)
+        leaves = [logits.clone().requires_grad_() for _ in range(2)]
+        got, want = compiled(leaves[0], capacity_factor), _route_and_loss(leaves[1], capacity_factor)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        grads = [torch.autograd.grad(out[1], leaf)[0] for out, leaf in zip((got, want), leaves)]
+        torch.testing.assert_close(*grads, rtol=0, atol=0)
+    # refused while tracing (torch 2.11 wraps the fake kernel's error) or by the op as it runs
+    with pytest.raises((ValueError, RuntimeError),
+                       match="capacity_factor must be a positive finite number"):
+        compiled(logits, -1.0)

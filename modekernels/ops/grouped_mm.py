@@ -19,17 +19,31 @@ from modekernels._checks import (
     check_offsets,
     check_tensor,
 )
+from modekernels.ops import autocast
+
+
+def _hopper_kernels_built() -> bool:
+    """Whether ``modekernels._C`` imports and holds the Hopper CUTLASS 3 grouped GEMMs."""
+    if backends.cuda_extension_error() is not None:
+        return False
+    from modekernels import _C
+
+    return _C.has_sm90_kernels()
+
 
 def _fastest_first(device: torch.device, args: Sequence) -> tuple[str, ...]:
-    """cuda first where its Hopper CUTLASS 3 kernels (TMA + WGMMA) take the call: sm_90,
-    float16/bfloat16, K and N multiples of 8 (16-byte rows). Elsewhere Triton first: for float32
-    and odd widths the cuda backend would run its CUDA-core kernel, and on other GPUs its
-    CUTLASS 2.x kernels and Triton both use tensor cores (Triton until a measurement says
-    otherwise). args: the forward's (x, w, offs) or the weight gradient's (x, dy, offs, ...)."""
+    """cuda first where its Hopper CUTLASS 3 kernels (TMA + WGMMA) take the call: sm_90 with an
+    extension built with them, float16/bfloat16, K and N multiples of 8 (16-byte rows).
+    Elsewhere Triton first: for float32 and odd widths the cuda backend would run its CUDA-core
+    kernel, and on other GPUs (or without the sm_90 kernels) its CUTLASS 2.x kernels and Triton
+    both use tensor cores (Triton until a measurement says otherwise). args: the forward's
+    (x, w, offs) or the weight gradient's (x, dy, offs, ...)."""
     x, other = args[0], args[1]
     hopper = torch.cuda.get_device_capability(device) == (9, 0)
     cutlass = x.dtype in (torch.float16, torch.bfloat16) and x.shape[1] % 8 == 0 and other.shape[-1] % 8 == 0
-    return backends.CUDA_FIRST if hopper and cutlass else backends.TRITON_FIRST
+    if hopper and cutlass and _hopper_kernels_built():
+        return backends.CUDA_FIRST
+    return backends.TRITON_FIRST
 
 
 _forward = backends.Dispatch(
@@ -128,7 +142,7 @@ def _(x, dy, offs, x_rows=None, dy_rows=None, dy_scale=None, backend=None):
 
 def _setup_context(ctx, inputs, output):
     x, w, offs, backend = inputs
-    ctx.backend = backend
+    ctx.backend = backends.backward_request(backend, output)
     ctx.save_for_backward(x, w, offs)
 
 
@@ -143,6 +157,9 @@ def _backward(ctx, dy):
 
 
 grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
+# Like torch._grouped_mm, which autocast leaves alone: both run in their inputs' dtypes.
+autocast.register("modekernels::grouped_mm")
+autocast.register("modekernels::grouped_mm_weight_grad")
 
 
 def grouped_mm(
@@ -163,8 +180,11 @@ def grouped_mm(
         y (S, N) in x's dtype, accumulated in float32. Rows at or past ``offs[-1]`` are zero and
         get zero gradient. Differentiable in x (grouped dY·Wᵀ) and w (grouped Xᵀ·dY).
 
+    Like ``torch._grouped_mm``, which ``torch.autocast`` leaves alone, it casts nothing under
+    autocast: it runs in its inputs' dtype (float32 stays float32), and they must match.
+
     Offsets are value-checked (non-decreasing, within S) only for CPU tensors in eager mode; on
     CUDA they stay on the device and are not read by the host.
     """
     _check_forward(x, w, offs)  # before the schema's less specific type errors
-    return grouped_mm_op(x, w, offs, backends.requested(backend))
+    return grouped_mm_op(x, w, offs, backend)

@@ -31,6 +31,7 @@ from modekernels._checks import (
     check_tensor,
     values_visible,
 )
+from modekernels.ops import autocast
 from modekernels.ops.grouped_mm import grouped_mm_weight_grad_op
 from modekernels.ops.moe_mlp_backward import activation_backward_op, gate_backward_op
 from modekernels.ops.routing import INDEX_DTYPES, sort_by_expert
@@ -206,7 +207,7 @@ def _bias_terms(
 def _up_setup_context(ctx, inputs, output):
     x, perm, offs, w1, b1, activation, gated, top_k, keep, backend = inputs
     ctx.activation, ctx.gated, ctx.top_k = activation, gated, top_k
-    ctx.keep, ctx.backend = keep, backend
+    ctx.keep, ctx.backend = keep, backends.backward_request(backend, output[0])
     ctx.has_b1 = b1 is not None
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(x, perm, offs, w1, output[1])
@@ -238,7 +239,7 @@ def _up_backward(ctx, dh, _dpre):
 
 def _down_setup_context(ctx, inputs, output):
     h, perm, offs, w2, b2, gate, backend = inputs
-    ctx.backend = backend
+    ctx.backend = backends.backward_request(backend, output)
     ctx.save_for_backward(h, perm, offs, w2, b2, gate)
 
 
@@ -270,6 +271,9 @@ def _down_backward(ctx, dy):
 
 _moe_mlp_up_op.register_autograd(_up_backward, setup_context=_up_setup_context)
 _moe_mlp_down_op.register_autograd(_down_backward, setup_context=_down_setup_context)
+# x or h, w and b in the autocast dtype, as autocast gives linear; the gate keeps its dtype.
+autocast.register("modekernels::moe_mlp_up", cast=(0, 3, 4))
+autocast.register("modekernels::moe_mlp_down", cast=(0, 3, 4))
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -291,11 +295,10 @@ def moe_mlp_up(
     """First stage: h[r] = activate(x[perm[r] // top_k] @ w1[e] + b1[e]) for the sorted rows r of
     expert e, reading x through perm (no permuted copy). x (T, H), perm (T·top_k,), offs (E,),
     w1 (E, H, N1), b1 (E, N1) -> h (T·top_k, I) in expert order; rows past offs[-1] are zero.
-    ``activation="identity"`` (not gated) returns the raw projection for a custom gate."""
+    ``activation="identity"`` (not gated) returns the raw projection for a custom gate. Under
+    ``torch.autocast``, x, w1 and b1 are cast to the autocast dtype, and so is h."""
     keep = activation != "identity" and _needs_grad(x, w1, b1)
-    h, _ = _moe_mlp_up_op(
-        x, perm, offs, w1, b1, activation, gated, top_k, keep, backends.requested(backend)
-    )
+    h, _ = _moe_mlp_up_op(x, perm, offs, w1, b1, activation, gated, top_k, keep, backend)
     return h
 
 
@@ -311,8 +314,9 @@ def moe_mlp_down(
 ) -> torch.Tensor:
     """Second stage: y[t] = Σ_j gate[t, j]·(h[r] @ w2[e] + b2[e]) where sorted row r of expert e
     holds slot t·k + j, summed over j in order. h (S, I), gate (T, k), w2 (E, I, H), b2 (E, H)
-    -> y (T, H) in h's dtype."""
-    return _moe_mlp_down_op(h, perm, offs, w2, b2, gate, backends.requested(backend))
+    -> y (T, H) in h's dtype. Under ``torch.autocast``, h, w2 and b2 are cast to the autocast
+    dtype (the gate keeps its own), and so is y."""
+    return _moe_mlp_down_op(h, perm, offs, w2, b2, gate, backend)
 
 
 def moe_mlp_sorted(
@@ -388,7 +392,8 @@ def moe_mlp(
     Args:
         x: (T, H) float32, float16 or bfloat16.
         expert_idx: (T,) or (T, k) int64 or int32 expert of each token's choices, in [0, E).
-        gate: the weight of each choice, expert_idx's shape, any float dtype.
+        gate: the weight of each choice, expert_idx's shape; float32, float16 or bfloat16,
+            whatever x's dtype (applied in float32).
         w1: (E, H, I), or (E, H, 2·I) when gated; x's dtype. w2: (E, I, H). Either may be a
             ``.transpose(1, 2)`` view of the ``nn.Linear`` layout (E, N, K), used without a copy.
         activation: ``"silu"``, ``"gelu"`` (exact erf) or ``"relu"``.
@@ -402,7 +407,13 @@ def moe_mlp(
         tile sizes Triton's autotuning picks in one process may differ in another, which can
         change the last bits (``MODEKERNELS_AUTOTUNE=0`` fixes them). Differentiable in x,
         gate, w1, w2, b1, b2.
+
+    Under ``torch.autocast``, x, w1, w2, b1 and b2 are first cast to the autocast dtype of x's
+    device type, as ``linear`` casts its operands, so float32 weights and a bfloat16 x mix; y
+    then comes in that dtype. The gate keeps its dtype.
     """
+    # cast as the stages' autocast rules cast them, so that the checks see the dtypes they run in
+    x, w1, w2, b1, b2 = autocast.autocast_operands((x, w1, w2, b1, b2))
     _check_routing(x, expert_idx, gate, w1, w2, b1, b2, activation, gated)
     top_k = expert_idx.shape[1] if expert_idx.dim() == 2 else 1
     perm, offs = sort_by_expert(expert_idx, w1.shape[0])

@@ -17,6 +17,7 @@ import torch
 
 from modekernels import backends
 from modekernels._checks import FLOAT_DTYPES, check_dim, check_tensor
+from modekernels.ops import autocast
 from modekernels.reference.moe_mlp import ACTIVATIONS
 
 _act_backward = backends.Dispatch(
@@ -94,3 +95,8 @@ def gate_backward_op(
 def _(dh_unscaled, h, sorted_gate, backend=None):
     _check_gate_backward(dh_unscaled, h, sorted_gate)
     return torch.empty_like(h), sorted_gate.new_empty(h.shape[0])
+
+
+# Run in the dtypes the forward saved (see modekernels.ops.autocast).
+autocast.register("modekernels::moe_mlp_act_backward")
+autocast.register("modekernels::moe_mlp_gate_backward")

@@ -13,6 +13,7 @@ import torch
 
 from modekernels import backends
 from modekernels._checks import FLOAT_DTYPES, check_dim, check_tensor
+from modekernels.ops import autocast
 from modekernels.reference.moe_mlp import ACTIVATIONS
 from modekernels.reference.neutral_residue import GATES
 
@@ -179,7 +180,8 @@ def _setup_context(ctx, inputs, output):
     x, w_in, w_glu, w_out, w_gate, _, _, _, b_out, _, activation, gate, _, _, backend = inputs
     _, g, _, pre = output
     ctx.set_materialize_grads(False)  # unused outputs (g, l1) then skip their terms
-    ctx.activation, ctx.gate, ctx.backend = activation, gate, backend
+    ctx.activation, ctx.gate = activation, gate
+    ctx.backend = backends.backward_request(backend, output[0])
     ctx.save_for_backward(x, w_in, w_glu, w_out, w_gate, b_out, g, pre)
 
 
@@ -197,6 +199,10 @@ def _backward(ctx, dy, dg, dl1, _dpre):
 
 
 _neutral_residue_op.register_autograd(_backward, setup_context=_setup_context)
+# Every tensor input (x, the weights, the biases, the residual) in the autocast dtype, as
+# autocast gives addmm; the backward runs in the dtypes the forward saved.
+autocast.register("modekernels::neutral_residue", cast=range(10))
+autocast.register("modekernels::neutral_residue_backward")
 
 
 def neutral_residue(
@@ -241,7 +247,9 @@ def neutral_residue(
         backend: ``"reference"``, ``"triton"``, ``"cuda"`` or None (see
             :mod:`modekernels.backends`).
 
-    All tensors share x's dtype and device.
+    All tensors share x's dtype and device. Under ``torch.autocast`` every one of them is first
+    cast to the autocast dtype of x's device type (as ``addmm`` casts its operands), so float32
+    weights and a bfloat16 x mix; y then comes in that dtype, g and l1 stay float32.
 
     Returns:
         (y (T, d) in x's dtype, g (T,) float32, l1 (T,) float32 = ‖y_a‖₁ per row, the
@@ -255,14 +263,14 @@ def neutral_residue(
     """
     if gate is None:
         gate = "none" if w_gate is None else "relu"
-    tensors = (x, w_in, w_glu, w_out, w_gate, b_gate, b_in, b_glu, b_out, residual)
+    tensors = autocast.autocast_operands(
+        (x, w_in, w_glu, w_out, w_gate, b_gate, b_in, b_glu, b_out, residual)
+    )  # as the op's autocast rule casts them, so that the checks see the dtypes it runs in
     _check_forward(*tensors, activation, gate)  # before the schema's less specific type errors
     if not isinstance(sparse, bool):
         raise TypeError(f"sparse must be a bool, got {sparse!r}")
     keep_pre = torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in tensors
     )
-    y, g, l1, _ = _neutral_residue_op(
-        *tensors, activation, gate, sparse, keep_pre, backends.requested(backend)
-    )
+    y, g, l1, _ = _neutral_residue_op(*tensors, activation, gate, sparse, keep_pre, backend)
     return y, g, l1

@@ -31,7 +31,14 @@ from typing import NamedTuple, Optional
 import torch
 
 from modekernels import backends
-from modekernels._checks import FLOAT_DTYPES, check_dim, check_index_range, check_tensor
+from modekernels._checks import (
+    FLOAT_DTYPES,
+    check_dim,
+    check_index_range,
+    check_tensor,
+    number_visible,
+)
+from modekernels.ops import autocast
 
 # The Triton kernels hold one (rows × next_power_of_2(E)) tile in registers; the CUDA kernels
 # keep per-warp sums of E floats in shared memory (csrc/routing.cu: routing_max_experts()).
@@ -119,8 +126,26 @@ def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float | 
 
 
 def _check_num_experts(num_experts: object) -> None:
+    """A positive int, checked where it is concrete (a SymInt such as ``w.shape[0]`` under
+    dynamic shapes is checked by the op's real kernel)."""
+    if not number_visible(num_experts):
+        return
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+
+
+def _check_capacity_factor(capacity_factor: object) -> None:
+    """None or a positive finite number, checked where it is concrete (a factor that varies
+    between compiled calls is traced as a SymFloat and checked by the op's real kernel)."""
+    if capacity_factor is None or not number_visible(capacity_factor):
+        return
+    if not (
+        isinstance(capacity_factor, (int, float)) and not isinstance(capacity_factor, bool)
+        and math.isfinite(capacity_factor)
+        and capacity_factor > 0
+    ):
+        raise ValueError(f"capacity_factor must be a positive finite number or None, got "
+                         f"{capacity_factor!r}")
 
 
 def _check_logits(logits: object, capacity_factor: object) -> None:
@@ -128,13 +153,7 @@ def _check_logits(logits: object, capacity_factor: object) -> None:
     if logits.shape[1] < 1:
         raise ValueError(f"logits must have at least one expert column, got shape "
                          f"{tuple(logits.shape)}")
-    if capacity_factor is not None and not (
-        isinstance(capacity_factor, (int, float)) and not isinstance(capacity_factor, bool)
-        and math.isfinite(capacity_factor)
-        and capacity_factor > 0
-    ):
-        raise ValueError(f"capacity_factor must be a positive finite number or None, got "
-                         f"{capacity_factor!r}")
+    _check_capacity_factor(capacity_factor)
 
 
 def _check_expert_idx(expert_idx: object, num_experts: object) -> None:
@@ -218,7 +237,7 @@ def _(logits, lse, expert_idx, dropped, routed, grad_gate, grad_aux, grad_z, bac
 def _setup_context(ctx, inputs, output):
     logits, _, backend = inputs
     _, _, _, lse, expert_idx, _, _, _, dropped, routed = output
-    ctx.backend = backend
+    ctx.backend = backends.backward_request(backend, output[0])
     ctx.save_for_backward(logits, lse, expert_idx, dropped, routed)
 
 
@@ -230,6 +249,9 @@ def _backward(ctx, grad_gate, grad_aux, grad_z, *_integer_and_lse_grads):
 
 
 _route_top1_op.register_autograd(_backward, setup_context=_setup_context)
+# The logits in float32, as autocast gives softmax and logsumexp on CUDA.
+autocast.register("modekernels::route_top1", cast=(0,), to=torch.float32)
+autocast.register("modekernels::route_top1_backward")
 
 
 @torch.library.custom_op("modekernels::sort_by_expert", mutates_args=())
@@ -269,11 +291,12 @@ def route_top1(
         ``z_loss`` () float32 mean logsumexp²; ``dropped`` (T,) bool.
 
     ``gate``, ``aux_loss`` and ``z_loss`` are differentiable to the logits; a dropped token's gate
-    sends no gradient. On CUDA nothing is read back to the host.
+    sends no gradient. On CUDA nothing is read back to the host. Under ``torch.autocast`` the
+    logits are cast to float32 (as autocast does for ``softmax`` on CUDA), so the gate is float32.
     """
     _check_logits(logits, capacity_factor)  # before the schema's less specific type errors
     gate, aux_loss, z_loss, _, expert_idx, perm, offs, tokens_per_expert, dropped, _ = (
-        _route_top1_op(logits, capacity_factor, backends.requested(backend)))
+        _route_top1_op(logits, capacity_factor, backend))
     return Routing(expert_idx, gate, perm, offs, tokens_per_expert, aux_loss, z_loss, dropped)
 
 
@@ -295,7 +318,7 @@ def sort_by_expert(
     Index values are checked for CPU tensors in eager mode only.
     """
     _check_expert_idx(expert_idx, num_experts)  # before the schema's less specific type errors
-    return _sort_by_expert_op(expert_idx, num_experts, backends.requested(backend))
+    return _sort_by_expert_op(expert_idx, num_experts, backend)
 
 
 # A universal hash ((a·id + b) mod p) mod E: p = 2³¹ − 1, and a, b < p keep a·id + b below 2⁶³
