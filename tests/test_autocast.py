@@ -20,7 +20,7 @@ from conftest import DEVICE, backend_params
 
 import modekernels
 import modekernels.hf
-from modekernels.hf import add_adamix, add_neutral_residues
+from modekernels.hf import add_adamix, add_domain_experts, add_neutral_residues, compose
 from modekernels.nn import Adapter, AdapterMixture, MoEMLP, NeutralResidue
 
 BACKENDS = backend_params("reference", "triton", "cuda")
@@ -296,12 +296,14 @@ def _loss_and_grads(model, ids, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("patch", ["neutral_residues", "adamix"])
+@pytest.mark.parametrize("patch", ["neutral_residues", "adamix", "domain_experts"])
 def test_patched_llama_trains_under_autocast(backend, dtype, patch):
-    """A tiny Llama patched with neutral residues (or AdaMix): under autocast it equals the
-    unpatched model at initialisation (the added modules output zero), and once its added
-    weights are nonzero its logits stay within the autocast dtype's tolerance of the float32
-    run, with float32 gradients on the added float32 parameters."""
+    """A tiny Llama patched with neutral residues, AdaMix or MoDE's domain experts (grouped
+    GEMMs over the experts' stacked layers): under autocast it equals the unpatched model at
+    initialisation (the added modules output zero; MoDE's experts inactive), and once its added
+    weights are nonzero (and MoDE's experts composed) its logits stay within the autocast
+    dtype's tolerance of the float32 run, with float32 gradients on the added float32
+    parameters."""
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON, intermediate_size=48))
     model = model.to(DEVICE)
@@ -310,13 +312,17 @@ def test_patched_llama_trains_under_autocast(backend, dtype, patch):
         base = model(ids).logits
     if patch == "neutral_residues":
         add_neutral_residues(model, d_adapter=8)
-    else:
+    elif patch == "adamix":
         add_adamix(model, d_adapter=8, num_adapters=2)
-    added = {n: p for n, p in model.named_parameters() if "residue" in n or "adapter" in n}
+    else:
+        add_domain_experts(model, ["a", "b"], layers_per_expert=1)
+    added = {n: p for n, p in model.named_parameters() if ".added." in n}
     assert added
     with modekernels.use_backend(backend):
         with torch.no_grad(), autocast(dtype):
             torch.testing.assert_close(model(ids).logits, base, rtol=0, atol=0)
+        if patch == "domain_experts":
+            compose(model)
         with torch.no_grad():
             for param in added.values():
                 param.normal_(std=0.1)

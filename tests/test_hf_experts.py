@@ -286,6 +286,24 @@ def test_experts_module_matches_eager(backend, family):
     assert_same_results(got, want)
 
 
+@pytest.mark.parametrize("family", MODULES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_experts_module_under_autocast_matches_eager(backend, family):
+    """float32 experts, bf16 hidden states under CPU autocast (a bf16 model's activations with
+    float32 master weights): the same dtypes as the eager experts, values within bf16's
+    tolerance, gradients in float32 (the post-expert-norm path runs grouped_mm on operands cast
+    as the matmul it replaces)."""
+    module = initialised(MODULES[family])
+    x = torch.randn(7, 16, device=DEVICE).bfloat16()
+    idx, weights = routing(7, 4, 2)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        want = run_experts(module, "eager", x, idx, weights)
+        got = run_experts(module, "modekernels", x, idx, weights, backend)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g.float(), w.float(), rtol=3e-2, atol=3e-2 * max(1.0, w.abs().max().item()))
+
+
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "muse_spark"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_expert_parallel_sentinels_match_grouped_mm(backend, family):

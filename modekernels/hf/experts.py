@@ -28,6 +28,7 @@ from torch import nn
 from transformers import activations
 from transformers.integrations.moe import _default_apply_gate
 
+from modekernels.ops.autocast import autocast_operands
 from modekernels.ops.grouped_mm import grouped_mm
 from modekernels.ops.moe_mlp import slot_order_sum, moe_mlp_down, moe_mlp_up
 from modekernels.ops.routing import sort_by_expert
@@ -96,7 +97,7 @@ def modekernels_experts_forward(
     if not getattr(self, "has_post_expert_norm", False):
         return moe_mlp_down(h, perm, offs, w2, gate, b2).to(hidden_states.dtype)
 
-    out = grouped_mm(h, w2, offs)  # rows past offs[-1] (sentinels) are zero
+    out = grouped_mm(*autocast_operands((h, w2)), offs)  # rows past offs[-1] (sentinels) are zero
     if b2 is not None:
         sorted_experts = expert_idx.reshape(-1)[perm].clamp(max=num_experts - 1)
         in_group = torch.arange(out.shape[0], device=out.device) < offs[-1]

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modekernels.ops.autocast import autocast_operands
 from modekernels.ops.grouped_mm import grouped_mm
 
 __all__ = ["Grouping", "StackedModules"]
@@ -118,12 +119,13 @@ class StackedLinear(_StackedLeaf):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grouping = self._grouping(x)
         w = self._stacked("weight", grouping)
-        rows = x.reshape(-1, x.shape[-1])
+        # under autocast, rows and weights in the autocast dtype, as nn.Linear's matmul
+        rows, w = autocast_operands((x.reshape(-1, x.shape[-1]), w))
         rows_per_sequence = rows.shape[0] // max(x.shape[0], 1)
         y = grouped_mm(rows, w if self.in_out else w.transpose(1, 2), grouping.offs * rows_per_sequence)
         y = y.view(*x.shape[:-1], y.shape[-1])
         if getattr(self.sources[0], "bias", None) is not None:
-            y = y + self._per_sequence("bias", grouping, y.dim())
+            y = y + self._per_sequence("bias", grouping, y.dim()).to(y.dtype)
         return y
 
 
