@@ -584,6 +584,15 @@ def test_sort_by_expert_rejects_bad_input(expert_idx, num_experts, error, match)
         modekernels.sort_by_expert(expert_idx, num_experts, backend="reference")
 
 
+def test_more_entries_than_int32_offsets_count_are_refused():
+    """2³¹ routed entries (expanded views: no memory) exceed what the int32 offsets count."""
+    with pytest.raises(ValueError, match="logits holds 2147483648 entries"):
+        modekernels.route_top1(torch.zeros(1, 2, device=DEVICE).expand(2**31, 2))
+    with pytest.raises(ValueError, match="expert_idx holds 2147483648 entries"):
+        modekernels.sort_by_expert(
+            torch.zeros(1, 1, dtype=torch.int64, device=DEVICE).expand(2**30, 2), 3)
+
+
 def test_hash_route_rejects_bad_input():
     table = modekernels.make_hash_table(10, 4)
     with pytest.raises(ValueError, match=r"token_ids must lie in \[0, 10\)"):

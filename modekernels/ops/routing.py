@@ -148,11 +148,22 @@ def _check_capacity_factor(capacity_factor: object) -> None:
                          f"{capacity_factor!r}")
 
 
+_MAX_ENTRIES = 2**31 - 1  # offs and tokens_per_expert are int32 counts of the entries
+
+
+def _check_entry_count(name: str, entries: object) -> None:
+    """At most 2³¹ - 1 routed entries (T, or T·k), checked where the count is concrete."""
+    if number_visible(entries) and entries > _MAX_ENTRIES:
+        raise ValueError(f"{name} holds {entries} entries to route; the int32 offsets count at "
+                         f"most {_MAX_ENTRIES}: route fewer tokens per call")
+
+
 def _check_logits(logits: object, capacity_factor: object) -> None:
     check_tensor("logits", logits, rank=2, dtypes=FLOAT_DTYPES)
     if logits.shape[1] < 1:
         raise ValueError(f"logits must have at least one expert column, got shape "
                          f"{tuple(logits.shape)}")
+    _check_entry_count("logits", logits.shape[0])
     _check_capacity_factor(capacity_factor)
 
 
@@ -160,6 +171,7 @@ def _check_expert_idx(expert_idx: object, num_experts: object) -> None:
     check_tensor("expert_idx", expert_idx, dtypes=INDEX_DTYPES)
     if expert_idx.dim() not in (1, 2):
         raise ValueError(f"expert_idx must be (T,) or (T, k), got shape {tuple(expert_idx.shape)}")
+    _check_entry_count("expert_idx", expert_idx.numel())
     _check_num_experts(num_experts)
     if expert_idx.dim() == 2 and expert_idx.shape[1] > num_experts:
         raise ValueError(f"expert_idx.shape[1] = k must be at most num_experts = {num_experts}, "
