@@ -8,6 +8,7 @@ of a number argument likewise run only where it is concrete (:func:`number_visib
 
 from __future__ import annotations
 
+import numbers
 from typing import Iterable
 
 import torch
@@ -80,3 +81,21 @@ def check_index_range(name: str, t: torch.Tensor, high: int, what: str) -> None:
     low, top = int(t.min()), int(t.max())
     if low < 0 or top >= high:
         raise ValueError(f"{name} must lie in [0, {high}) ({what}), got values in [{low}, {top}]")
+
+
+def check_positive_int(name: str, value: object) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is an integer (not a bool) ≥ 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_option(name: str, value: object, allowed: tuple) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is one of ``allowed``."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_flag(name: str, value: object) -> None:
+    """Raise TypeError naming ``name`` unless ``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")

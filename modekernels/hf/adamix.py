@@ -11,6 +11,7 @@ from typing import Iterable, Optional
 
 from torch import nn
 
+from modekernels._checks import check_positive_int
 from modekernels.hf import surgery
 from modekernels.hf.adapters import PostFFNAdapter
 
@@ -44,10 +45,8 @@ def add_adamix(
     ``d_adapter`` after the FFN output of each chosen block (all when ``layers`` is None) of
     ``model``, in place. With ``freeze_base`` only the adapters train. Undo with
     :func:`unpatch`; collapse for inference with :func:`merge_adamix`."""
-    if not isinstance(num_adapters, int) or num_adapters < 1:
-        raise ValueError(f"num_adapters must be a positive int, got {num_adapters!r}")
-    if not isinstance(d_adapter, int) or d_adapter < 1:
-        raise ValueError(f"d_adapter must be a positive int, got {d_adapter!r}")
+    check_positive_int("num_adapters", num_adapters)
+    check_positive_int("d_adapter", d_adapter)
     options = {"num_adapters": num_adapters, "d_adapter": d_adapter, "activation": activation, "merged": False}
     return surgery.apply(model, METHOD, layers, options, freeze_base)
 

@@ -12,6 +12,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from modekernels._checks import check_positive_int
 from modekernels.hf import surgery
 
 __all__ = ["PostFFNAdapter", "add_adapters"]
@@ -48,7 +49,6 @@ def add_adapters(
     """Add a bottleneck :class:`~modekernels.nn.Adapter` (width ``d_adapter``) after the FFN
     output of each chosen block (all when ``layers`` is None) of ``model``, in place. With
     ``freeze_base`` only the adapters train. Undo with :func:`unpatch`."""
-    if not isinstance(d_adapter, int) or d_adapter < 1:
-        raise ValueError(f"d_adapter must be a positive int, got {d_adapter!r}")
+    check_positive_int("d_adapter", d_adapter)
     options = {"d_adapter": d_adapter, "activation": activation}
     return surgery.apply(model, METHOD, layers, options, freeze_base)

@@ -36,7 +36,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from modekernels._checks import values_visible
+from modekernels._checks import check_positive_int, values_visible
 from modekernels.hf import surgery
 from modekernels.nn.stacked import Grouping, StackedModules
 from modekernels.ops.routing import sort_by_expert
@@ -238,8 +238,7 @@ def add_domain_experts(
     domains = list(domains)
     if not domains or len(set(domains)) != len(domains) or not all(isinstance(d, str) for d in domains):
         raise ValueError(f"domains must be distinct names, got {domains!r}")
-    if not isinstance(layers_per_expert, int) or layers_per_expert < 1:
-        raise ValueError(f"layers_per_expert must be a positive int, got {layers_per_expert!r}")
+    check_positive_int("layers_per_expert", layers_per_expert)
     options = {"domains": domains, "layers_per_expert": layers_per_expert, "active": [], "stage": None}
     return surgery.apply(model, METHOD, blocks, options, freeze_base, argument="blocks")
 

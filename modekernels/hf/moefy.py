@@ -16,6 +16,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from modekernels._checks import check_positive_int
 from modekernels.hf import surgery
 
 __all__ = ["ExpertFFN", "deal_neurons", "expert_weights", "moe_losses", "moefy"]
@@ -34,8 +35,7 @@ def deal_neurons(
     ``importance`` (d_ff,) ranks the neurons, highest first (ties by index); None ranks by index.
     ``expert_dim`` defaults to shared + ⌊(d_ff − shared) / E⌋.
     """
-    if not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    check_positive_int("num_experts", num_experts)
     if not isinstance(shared_neurons, int) or not 0 <= shared_neurons < d_ff:
         raise ValueError(f"shared_neurons must be an int in [0, {d_ff}), got {shared_neurons!r}")
     dealt = d_ff - shared_neurons

@@ -13,6 +13,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from modekernels._checks import check_positive_int
 from modekernels.hf import surgery
 
 __all__ = ["NeutralResidueBranch", "add_neutral_residues", "neutral_residue_loss"]
@@ -97,8 +98,7 @@ def add_neutral_residues(
         if not ratio > 0:
             raise ValueError(f"ratio must be positive, got {ratio}")
         d_adapter = _size_for_ratio(model, ratio, len(chosen), options)
-    if not isinstance(d_adapter, int) or d_adapter < 1:
-        raise ValueError(f"d_adapter must be a positive int, got {d_adapter!r}")
+    check_positive_int("d_adapter", d_adapter)
     options["d_adapter"] = d_adapter
     return surgery.apply(model, METHOD, chosen, options, freeze_base)
 

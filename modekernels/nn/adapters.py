@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from modekernels.nn.neutral_residue import check_option, check_positive_int
+from modekernels._checks import check_option, check_positive_int
 from modekernels.ops.neutral_residue import neutral_residue
 from modekernels.reference.moe_mlp import ACTIVATIONS
 

@@ -3,32 +3,14 @@
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import nn
 
+from modekernels._checks import check_flag, check_option, check_positive_int
 from modekernels.ops.neutral_residue import neutral_residue
 from modekernels.reference.moe_mlp import ACTIVATIONS
 from modekernels.reference.neutral_residue import GATES
-
-
-def check_positive_int(name: str, value: object) -> None:
-    """Raise ValueError naming ``name`` unless ``value`` is an integer (not a bool) ≥ 1."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def check_option(name: str, value: object, allowed: tuple) -> None:
-    """Raise ValueError naming ``name`` unless ``value`` is one of ``allowed``."""
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-
-
-def check_flag(name: str, value: object) -> None:
-    """Raise TypeError naming ``name`` unless ``value`` is a bool."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
 class NeutralResidue(nn.Module):

@@ -35,6 +35,7 @@ from modekernels._checks import (
     FLOAT_DTYPES,
     check_dim,
     check_index_range,
+    check_positive_int,
     check_tensor,
     number_visible,
 )
@@ -130,8 +131,7 @@ def _check_num_experts(num_experts: object) -> None:
     dynamic shapes is checked by the op's real kernel)."""
     if not number_visible(num_experts):
         return
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    check_positive_int("num_experts", num_experts)
 
 
 def _check_capacity_factor(capacity_factor: object) -> None:
@@ -348,8 +348,7 @@ def make_hash_table(
     uniformly at random. Returns (vocab_size,) int64 on the CPU (move it with ``.to(device)``).
     """
     _check_num_experts(num_experts)
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    check_positive_int("vocab_size", vocab_size)
     generator = torch.Generator().manual_seed(seed)
     if not balanced:
         return torch.randint(num_experts, (vocab_size,), generator=generator)
