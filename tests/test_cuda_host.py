@@ -369,17 +369,21 @@ def test_grouped_mm_passes_layouts_and_picks_the_kernel(
 
 @pytest.mark.parametrize("dtype,K,N,sm,forced,family", KERNEL_CHOICES)
 @pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("transposed", [False, True])
 def test_grouped_mm_weight_grad_passes_layouts_and_picks_the_kernel(
-    fake_c, monkeypatch, poisoned, dtype, K, N, sm, forced, family, strided
+    fake_c, monkeypatch, poisoned, dtype, K, N, sm, forced, family, strided, transposed
 ):
+    """transposed=True: the same kernel, given the operands swapped (dwᵀ = DYᵀ·X, the (E, N, K)
+    the kernels write row-major), and its result as the transposed view."""
     monkeypatch.setattr(cuda_grouped_mm, "_device_facts", lambda index: (sm, 108))
     monkeypatch.setattr(cuda_grouped_mm, "_FORCE_SM80", forced)
     x = torch.randn(S, K, dtype=dtype)
     dy = torch.randn(2 * S, N, dtype=dtype)[::2] if strided else torch.randn(S, N, dtype=dtype)
-    dw = cuda_grouped_mm.grouped_mm_weight_grad(x, dy, OFFS)
-    torch.testing.assert_close(
-        dw, ref_grouped_mm.grouped_mm_weight_grad(x, dy, OFFS), rtol=0, atol=0
-    )
+    dw = cuda_grouped_mm.grouped_mm_weight_grad(x, dy, OFFS, transposed=transposed)
+    exactly = {} if transposed else {"rtol": 0, "atol": 0}  # swapped: CPU sums may reorder
+    torch.testing.assert_close(dw, ref_grouped_mm.grouped_mm_weight_grad(x, dy, OFFS), **exactly)
+    layout = torch.empty(len(OFFS), N, K).transpose(1, 2) if transposed else torch.empty(len(OFFS), K, N)
+    assert dw.stride() == layout.stride()
     assert fake_c.calls == [f"grouped_mm_weight_grad_{family}"]
     assert fake_c.sm_counts == ([] if family == "simt" else [108])
 

@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 from conftest import DEVICE, backend_params, poisoned_allocations
+from copy_recorder import CopiesOf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import modekernels
+from modekernels.ops import grouped_mm as grouped_mm_ops
 from modekernels.reference import grouped_mm as reference
 
 ALL_BACKENDS = backend_params("reference", "triton", "cuda")
@@ -183,6 +183,31 @@ def test_weight_grad_reads_gathered_scaled_rows(backend, dtype, case, gather):
             assert torch.all(dw[e] == 0)
 
 
+@pytest.mark.parametrize("gather", ["none", "both"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3], CASES[4], CASES[8]], ids=repr)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_transposed_weight_grad_has_the_linear_layout_and_the_same_values(
+    backend, dtype, case, gather
+):
+    """transposed=True: dw (E, K, N) with the strides of a contiguous (E, N, K), every element
+    written, and the values of the contiguous dw: bit for bit on reference and triton (the same
+    arithmetic, only the stores differ), to rounding on cuda (which computes dwᵀ = DYᵀ·X)."""
+    x, dy, kwargs = _gathered_inputs(case, dtype, gather)
+    offs = case.offs()
+    contiguous = torch.ops.modekernels.grouped_mm_weight_grad(x, dy, offs, **kwargs, backend=backend)
+    with poisoned_allocations():
+        dw = torch.ops.modekernels.grouped_mm_weight_grad(
+            x, dy, offs, **kwargs, transposed=True, backend=backend
+        )
+    assert dw.shape == (case.E, case.K, case.N)
+    assert dw.stride() == torch.empty(case.E, case.N, case.K).transpose(1, 2).stride()
+    if backend == "cuda":
+        assert_matches(dw, contiguous.double(), max(case.sizes, default=1))
+    else:
+        assert torch.equal(dw, contiguous)
+
+
 def _every_other(t: torch.Tensor, fill) -> torch.Tensor:
     """t's values as a strided view (stride 2), interleaved with ``fill``."""
     return torch.stack([t, torch.full_like(t, fill)], -1)[..., 0]
@@ -269,65 +294,52 @@ def test_matches_torch_grouped_mm(backend, dtype, layout):
     assert_matches(dw, expected_dw, max(case.sizes), scale=2.0)
 
 
-_DEVICE_KEYS = torch._C.DispatchKeySet(
-    torch._C.DispatchKey.CUDA if DEVICE.type == "cuda" else torch._C.DispatchKey.CPU
-)
+# odd sizes, an empty group, tail rows; K = 1 and N = 1, where (E, K, N) and (E, N, K) order
+# the memory alike. No group size is E·K or E·N, so no group's rows of x or dy have the weight's
+# size: the recorder then tracks the weight and its gradient only.
+LINEAR_LAYOUT_CASES = [CASES[1], Case("K1", 1, 7, [2, 0, 5]), Case("N1", 9, 1, [2, 0, 5], tail=2)]
 
 
-class CopiesOf(TorchDispatchMode):
-    """Records, as ``copies``, each op that copies ``source``'s memory into other memory (clone,
-    _to_copy, copy_ into another tensor, cat, index). It also looks inside the modekernels ops,
-    by running their kernels under itself instead of as one opaque call, and inside composite
-    ops (``contiguous``, ``to``, ``reshape``, ``matmul``) by decomposing them. (The Triton
-    interpreter's copy of an argument's storage back onto itself is not a copy elsewhere.)"""
-
-    COPYING_OPS = {"clone", "_to_copy", "copy_", "cat", "index"}
-
-    def __init__(self, source: torch.Tensor):
-        super().__init__()
-        self.storage = source.untyped_storage().data_ptr()
-        self.copies: list[str] = []
-
-    def _is_source(self, t: torch.Tensor) -> bool:
-        return t.untyped_storage().data_ptr() == self.storage
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        name = func.overloadpacket.__name__
-        into_other_memory = name != "copy_" or not self._is_source(args[0])
-        if name in self.COPYING_OPS and into_other_memory and any(map(self._is_source, tensors)):
-            self.copies.append(f"{func} of {[tuple(t.shape) for t in tensors]}")
-        with self:
-            if func.namespace == "modekernels":
-                return func.redispatch(_DEVICE_KEYS, *args, **kwargs)
-            out = func.decompose(*args, **kwargs)
-        return func(*args, **kwargs) if out is NotImplemented else out
-
-
+@pytest.mark.parametrize("case", LINEAR_LAYOUT_CASES, ids=repr)
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_linear_layout_weight_is_not_copied(backend):
+def test_linear_layout_weight_is_not_copied(backend, case):
     """w given as the transposed view of an (E, N, K) tensor is read in place by the forward and
-    by the backward's dX = dY·Wᵀ, which takes w.transpose(1, 2): the (E, N, K) tensor itself.
-    (dW is written (E, K, N) and reaches the (E, N, K) weight as a transposed view, which
-    autograd copies into the weight's layout when it accumulates .grad: a copy of dW, not of
-    w.) float32, where the reference has no float32 upcast of w[e] to make."""
-    case = CASES[1]  # odd sizes, an empty group, tail rows
+    by the backward's dX = dY·Wᵀ, which takes w.transpose(1, 2): the (E, N, K) tensor itself;
+    dW is written in the (E, N, K) layout, so autograd accumulates it into .grad as it is, with
+    no copy of a weight-sized tensor. float32, where the reference has no float32 upcast of
+    w[e] to make."""
     x, w_leaf = make_inputs(case, torch.float32, "linear_weight")
     x.requires_grad_()
     w_leaf.requires_grad_()
     w, offs = as_weight(w_leaf, "linear_weight"), case.offs()
     dy = torch.randn(case.S, case.N, device=DEVICE)
-    with CopiesOf(w_leaf) as recorder:
+    with CopiesOf(w_leaf, of_their_size=True) as recorder:
         y = modekernels.grouped_mm(x, w, offs, backend=backend)
         y.backward(dy)
     assert recorder.copies == []
     assert_matches(y, reference.grouped_mm(x.double(), w.double(), offs), case.K)
-    assert x.grad is not None and w_leaf.grad is not None
+    assert x.grad is not None and w_leaf.grad.is_contiguous()
+    expected_dw = reference.grouped_mm_weight_grad(x.double(), dy.double(), offs)
+    assert_matches(w_leaf.grad, expected_dw.transpose(1, 2), max(case.sizes))
+
+
+@pytest.mark.parametrize("w, linear", [
+    (torch.empty(3, 5, 4).transpose(1, 2), True),
+    (torch.empty(1, 5, 4).transpose(1, 2), True),
+    (torch.empty(3, 4, 5), False),
+    (torch.empty(3, 5, 8)[:, :, :4].transpose(1, 2), False),  # K columns of a wider tensor
+    (torch.empty(3, 5, 1).transpose(1, 2), False),  # K = 1: contiguous too
+    (torch.empty(3, 1, 4).transpose(1, 2), False),  # N = 1: contiguous too
+    (torch.empty(3, 0, 4).transpose(1, 2), False),
+], ids=["linear", "linear_one_group", "contiguous", "sliced", "K1", "N1", "empty"])
+def test_is_linear_layout(w, linear):
+    """transposed=True is asked for exactly where w is the transposed view of a contiguous
+    (E, N, K) and not contiguous itself."""
+    assert grouped_mm_ops.is_linear_layout(w) is linear
 
 
 def test_copy_recorder_sees_copies_inside_the_ops():
-    """The recorder of the test above sees a copy made inside a modekernels op: the reference's
+    """The recorder of the tests above sees a copy made inside a modekernels op: the reference's
     float32 upcast of each bfloat16 w[e]."""
     case = CASES[1]
     x, w_leaf = make_inputs(case, torch.bfloat16, "linear_weight")
@@ -335,6 +347,15 @@ def test_copy_recorder_sees_copies_inside_the_ops():
     with CopiesOf(w_leaf) as recorder:
         modekernels.grouped_mm(x, w, case.offs(), backend="reference")
     assert len(recorder.copies) == case.E and all("_to_copy" in c for c in recorder.copies)
+
+
+def test_copy_recorder_sees_the_copy_of_a_gradient_accumulated_in_another_layout():
+    """The recorder sees autograd's copy of a gradient into its leaf's layout as it accumulates
+    .grad: what an (E, K, N) contiguous dW of an (E, N, K) weight used to cost."""
+    w_leaf = torch.randn(4, 6, 5, device=DEVICE, requires_grad=True)
+    with CopiesOf(w_leaf, of_their_size=True) as recorder:
+        w_leaf.transpose(1, 2).backward(torch.ones(4, 5, 6, device=DEVICE))
+    assert len(recorder.copies) == 1 and w_leaf.grad.is_contiguous()
 
 
 def _opcheck_inputs():
@@ -353,23 +374,27 @@ def test_opcheck_forward(backend):
     )
 
 
+@pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_opcheck_weight_grad(backend):
+def test_opcheck_weight_grad(backend, transposed):
     case, x, _, offs = _opcheck_inputs()
     dy = torch.randn(case.S, case.N, device=DEVICE)
     torch.library.opcheck(
-        torch.ops.modekernels.grouped_mm_weight_grad.default, (x, dy, offs), {"backend": backend}
+        torch.ops.modekernels.grouped_mm_weight_grad.default,
+        (x, dy, offs),
+        {"transposed": transposed, "backend": backend},
     )
 
 
+@pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_opcheck_gathered_weight_grad(backend):
+def test_opcheck_gathered_weight_grad(backend, transposed):
     case = Case("opcheck", 24, 40, [5, 0, 12], tail=3)
     x, dy, kwargs = _gathered_inputs(case, torch.float32, "both")
     torch.library.opcheck(
         torch.ops.modekernels.grouped_mm_weight_grad.default,
         (x, dy, case.offs()),
-        {**kwargs, "backend": backend},
+        {**kwargs, "transposed": transposed, "backend": backend},
     )
 
 

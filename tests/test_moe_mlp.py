@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE, backend_params, poisoned_allocations
+from copy_recorder import CopiesOf
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -232,6 +233,34 @@ def test_dropped_rows_past_offs_contribute_nothing(backend):
     assert_matches(y, expected, case)
     y.backward(torch.randn_like(y))
     assert torch.all(gate.grad[3:6, 1] == 0)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_layout_weights_get_gradients_without_copies(backend, bias):
+    """w1 and w2 stored in the nn.Linear layout (E, N, K) and passed as their transposed views:
+    the forward and the whole backward, accumulating .grad included, copy neither weight nor
+    any tensor of a weight's size (each dW is written in its weight's layout), and the leaves'
+    gradients come in their layout with the oracle's values. float32, where the reference
+    upcasts nothing; no other tensor here has a weight's size."""
+    case = Case("glu_silu_k2_E5", 13, 16, 12, 5, 2, "silu", True, bias)
+    x, idx, gate, w1, w2, b1, b2 = make_inputs(case, torch.float32)
+    w1_leaf, w2_leaf = (w.transpose(1, 2).requires_grad_() for w in (w1, w2))
+    leaves = [t for t in (x, gate, w1_leaf, w2_leaf, b1, b2) if t is not None]
+    for t in leaves:
+        t.requires_grad_()
+    dy = torch.randn(case.T, case.H, device=DEVICE)
+    with CopiesOf(w1_leaf, w2_leaf, of_their_size=True) as recorder:
+        y = run(case, (x, idx, gate, w1_leaf.transpose(1, 2), w2_leaf.transpose(1, 2), b1, b2), backend)
+        y.backward(dy)
+    assert recorder.copies == []
+    for leaf in (w1_leaf, w2_leaf):
+        assert leaf.grad.stride() == leaf.stride()
+    wide = [t.detach().double().requires_grad_() for t in (w1_leaf, w2_leaf)]
+    expected_y = oracle(case, x.detach(), idx, gate.detach(), *(w.transpose(1, 2) for w in wide),
+                        b1, b2)
+    for got, want in zip((w1_leaf.grad, w2_leaf.grad), torch.autograd.grad(expected_y, wide, dy.double())):
+        assert_matches(got, want, case, scale=4.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

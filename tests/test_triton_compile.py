@@ -68,6 +68,10 @@ def _host_calls():
     calls.append((False, grouped_mm.grouped_mm_weight_grad, (
         t(S, K, dtype=fp32), t(S // 2, N, dtype=fp32), t(E, dtype=i32), None, rows, t(S, dtype=fp32),
     )))
+    # dw in the nn.Linear layout (transposed=True): unit stride along K in the store
+    calls.append((True, grouped_mm.grouped_mm_weight_grad, (
+        t(S, K), t(S, N), t(E, dtype=i32), None, None, None, True,
+    )))
     # w as a transposed view (stride 1 along K): the other B-operand layout
     w_t = t(E, N, K).transpose(1, 2)
     calls.append((True, grouped_mm.grouped_mm, (t(S, K), w_t, t(E, dtype=i32))))

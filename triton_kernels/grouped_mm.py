@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from modekernels.reference.grouped_mm import empty_weight_grad
 from modekernels.triton_kernels.common import (
     SharedMemoryPrune,
     accumulate_product,
@@ -50,6 +51,7 @@ _WEIGHT_GRAD_TILES = [  # output tile BLOCK_K x BLOCK_N, reduction over a group'
     (64, 256, 128, 8, 3),
     (64, 128, 64, 4, 4),
     (32, 128, 128, 4, 4),
+    (32, 128, 128, 8, 3),  # float32: the others spill registers when tl.dot runs ieee (on FMAs)
 ]
 _AUTOTUNE_KEY = ["N", "K", "rows_bucket", "INPUT_PRECISION"]
 # Shared memory of one pipeline stage: the x and w tiles, or the x^T and dy tiles.
@@ -313,7 +315,7 @@ def _grouped_mm_weight_grad_kernel(
         dw_ptr
         + group.to(tl.int64) * stride_dwe
         + ks.to(tl.int64)[:, None] * stride_dwk
-        + ns[None, :] * stride_dwn
+        + ns.to(tl.int64)[None, :] * stride_dwn
     )
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=k_mask[:, None] & n_mask[None, :])
 
@@ -346,6 +348,7 @@ def grouped_mm_weight_grad(
     x_rows: torch.Tensor | None = None,
     dy_rows: torch.Tensor | None = None,
     dy_scale: torch.Tensor | None = None,
+    transposed: bool = False,
 ) -> torch.Tensor:
     """dw[e] = X[rows of e]^T @ DY[rows of e], zero for an empty group, where X[r] =
     x[x_rows[r]] and DY[r] = dy_scale[r]·dy[dy_rows[r]] (rounded to dy's dtype), each the
@@ -354,13 +357,14 @@ def grouped_mm_weight_grad(
     x (K columns), dy (N columns), the S rows indexed by x_rows / dy_rows (S,) int64, dy_scale
     (S,) float32, offs (E,) int32, validated by the op, any strides (the 1-D ones read as
     contiguous copies where they are strided views) -> dw (E, K, N) in x's dtype, accumulated
-    in float32.
+    in float32; contiguous, or with the strides of a contiguous (E, N, K) when ``transposed``
+    (the kernel stores through dw's strides: the same values either way).
     """
     K = x.shape[1]
     N = dy.shape[1]
     E = offs.shape[0]
     S = (x if x_rows is None else x_rows).shape[0]
-    dw = torch.empty((E, K, N), dtype=x.dtype, device=x.device)
+    dw = empty_weight_grad(x, E, K, N, transposed)
     if dw.numel() == 0:
         return dw
 

@@ -159,15 +159,26 @@ def grouped_mm_weight_grad(
     x_rows: torch.Tensor | None = None,
     dy_rows: torch.Tensor | None = None,
     dy_scale: torch.Tensor | None = None,
+    transposed: bool = False,
 ) -> torch.Tensor:
     """dw[e] = X[rows of e]^T @ DY[rows of e]; zero for an empty group.
 
     X (S, K), DY (S, N): x and dy, gathered through x_rows / dy_rows and DY scaled by dy_scale
     where given, into copies first (the CUTLASS kernels read contiguous rows); offs (E,) int32
-    cumulative end rows, all on one CUDA device -> dw (E, K, N) contiguous in x's dtype,
-    accumulated in fp32.
+    cumulative end rows, all on one CUDA device -> dw (E, K, N) in x's dtype, accumulated in
+    fp32: contiguous, or when ``transposed`` the transposed view of a contiguous (E, N, K). The
+    kernels write row-major results only, so that one is dwᵀ = DYᵀ·X, the same kernels with the
+    operands swapped.
     """
     x, dy = gathered_operands(x, dy, x_rows, dy_rows, dy_scale)
+    if transposed:
+        return _contiguous_weight_grad(dy, x, offs).transpose(1, 2)
+    return _contiguous_weight_grad(x, dy, offs)
+
+
+def _contiguous_weight_grad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """dw[e] = x[rows of e]^T @ dy[rows of e] for x (S, K), dy (S, N), offs (E,) -> dw (E, K, N)
+    contiguous in x's dtype; zero for an empty group."""
     S, K = x.shape
     N = dy.shape[1]
     E = offs.shape[0]

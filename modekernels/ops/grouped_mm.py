@@ -20,6 +20,7 @@ from modekernels._checks import (
     check_tensor,
 )
 from modekernels.ops import autocast
+from modekernels.reference.grouped_mm import empty_weight_grad
 
 
 def _hopper_kernels_built() -> bool:
@@ -118,26 +119,41 @@ def grouped_mm_weight_grad_op(
     x_rows: Optional[torch.Tensor] = None,
     dy_rows: Optional[torch.Tensor] = None,
     dy_scale: Optional[torch.Tensor] = None,
+    transposed: bool = False,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """dw[e] = X[rows of e]ᵀ·DY[rows of e] over the S rows grouped by offs (E,) int32, with
     X[r] = x[x_rows[r]] and DY[r] = dy_scale[r]·dy[dy_rows[r]] rounded to dy's dtype; each of
     x_rows, dy_rows (S,) int64 and dy_scale (S,) float32 is the identity when None. The triton
     backend reads the gathered rows in place; reference and cuda gather copies first. The
-    backward of ``grouped_mm`` and of ``moe_mlp`` (whose sorted rows index tokens) call it."""
+    backward of ``grouped_mm`` and of ``moe_mlp`` (whose sorted rows index tokens) call it.
+
+    dw is (E, K, N) in x's dtype: contiguous, or when ``transposed`` with the strides of a
+    contiguous (E, N, K) tensor (``new_empty(E, N, K).transpose(1, 2)``), the same values, so
+    that the gradient of a weight stored in the ``nn.Linear`` layout reaches it without a copy
+    (see :func:`is_linear_layout`)."""
     rows = _check_weight_grad(x, dy, offs, x_rows, dy_rows, dy_scale)
     check_offsets("offs", offs, rows, "the number of rows S")
     if x_rows is not None:
         check_index_range("x_rows", x_rows, x.shape[0], "rows of x")
     if dy_rows is not None:
         check_index_range("dy_rows", dy_rows, dy.shape[0], "rows of dy")
-    return _weight_grad(backend, x.device, x, dy, offs, x_rows, dy_rows, dy_scale)
+    return _weight_grad(backend, x.device, x, dy, offs, x_rows, dy_rows, dy_scale, transposed)
 
 
 @grouped_mm_weight_grad_op.register_fake
-def _(x, dy, offs, x_rows=None, dy_rows=None, dy_scale=None, backend=None):
+def _(x, dy, offs, x_rows=None, dy_rows=None, dy_scale=None, transposed=False, backend=None):
     _check_weight_grad(x, dy, offs, x_rows, dy_rows, dy_scale)
-    return x.new_empty(offs.shape[0], x.shape[1], dy.shape[1])
+    return empty_weight_grad(x, offs.shape[0], x.shape[1], dy.shape[1], transposed)
+
+
+def is_linear_layout(w: torch.Tensor) -> bool:
+    """Whether w (E, K, N) is the transposed view of a contiguous (E, N, K) tensor, the
+    ``nn.Linear`` layout, and not contiguous itself: its weight gradient is then asked for in
+    that layout (``transposed=True``), which autograd accumulates into the (E, N, K) tensor's
+    .grad without a copy. Where size-1 or empty dimensions make w both (the two layouts hold
+    the same dense memory order) and for any other layout, the contiguous default."""
+    return w.transpose(1, 2).is_contiguous() and not w.is_contiguous()
 
 
 def _setup_context(ctx, inputs, output):
@@ -152,7 +168,9 @@ def _backward(ctx, dy):
     if ctx.needs_input_grad[0]:
         dx = grouped_mm_op(dy, w.transpose(1, 2), offs, ctx.backend)
     if ctx.needs_input_grad[1]:
-        dw = grouped_mm_weight_grad_op(x, dy, offs, backend=ctx.backend)
+        dw = grouped_mm_weight_grad_op(
+            x, dy, offs, transposed=is_linear_layout(w), backend=ctx.backend
+        )
     return dx, dw, None, None
 
 
@@ -170,7 +188,8 @@ def grouped_mm(
     Args:
         x: (S, K) float32, float16 or bfloat16; any strides.
         w: (E, K, N), same dtype and device. The ``nn.Linear`` layout is accepted without a copy
-            as ``w_linear.transpose(1, 2)`` of an (E, N, K) tensor.
+            as ``w_linear.transpose(1, 2)`` of an (E, N, K) tensor (its gradient is written in
+            that layout, so none is made accumulating it into ``w_linear.grad`` either).
         offs: (E,) int32 cumulative end rows of the groups, as ``torch._grouped_mm`` takes them:
             group e holds rows ``offs[e-1]:offs[e]`` (``offs[-1] = 0``); groups may be empty.
         backend: ``"reference"``, ``"triton"``, ``"cuda"`` or None (see

@@ -32,7 +32,7 @@ from modekernels._checks import (
     values_visible,
 )
 from modekernels.ops import autocast
-from modekernels.ops.grouped_mm import grouped_mm_weight_grad_op
+from modekernels.ops.grouped_mm import grouped_mm_weight_grad_op, is_linear_layout
 from modekernels.ops.moe_mlp_backward import activation_backward_op, gate_backward_op
 from modekernels.ops.routing import INDEX_DTYPES, sort_by_expert
 from modekernels.reference.moe_mlp import ACTIVATIONS
@@ -231,7 +231,8 @@ def _up_backward(ctx, dh, _dpre):
         unit_gates = torch.ones(x.shape[0], ctx.top_k, dtype=torch.float32, device=x.device)
         dx = _moe_mlp_down_op(dpre, perm, offs, w1.transpose(1, 2), None, unit_gates, ctx.backend)
     if ctx.needs_input_grad[3]:
-        dw1 = grouped_mm_weight_grad_op(x, dpre, offs, x_rows=perm // ctx.top_k, backend=ctx.backend)
+        dw1 = grouped_mm_weight_grad_op(x, dpre, offs, x_rows=perm // ctx.top_k,
+                                        transposed=is_linear_layout(w1), backend=ctx.backend)
     if ctx.has_b1 and ctx.needs_input_grad[4]:
         db1 = _group_sums(dpre, offs, ctx.backend)
     return dx, None, None, dw1, db1, None, None, None, None, None
@@ -263,7 +264,8 @@ def _down_backward(ctx, dy):
     # d of each sorted row's unscaled output: gate·dy[token], read through the index in place
     dout = {"dy_rows": tokens, "dy_scale": sorted_gate}
     if ctx.needs_input_grad[3]:
-        dw2 = grouped_mm_weight_grad_op(h, dy, offs, backend=ctx.backend, **dout)
+        dw2 = grouped_mm_weight_grad_op(h, dy, offs, transposed=is_linear_layout(w2),
+                                        backend=ctx.backend, **dout)
     if b2 is not None and ctx.needs_input_grad[4]:
         db2 = _group_sums(dy, offs, ctx.backend, **dout)
     return dh, None, None, dw2, db2, dgate, None
@@ -395,7 +397,8 @@ def moe_mlp(
         gate: the weight of each choice, expert_idx's shape; float32, float16 or bfloat16,
             whatever x's dtype (applied in float32).
         w1: (E, H, I), or (E, H, 2·I) when gated; x's dtype. w2: (E, I, H). Either may be a
-            ``.transpose(1, 2)`` view of the ``nn.Linear`` layout (E, N, K), used without a copy.
+            ``.transpose(1, 2)`` view of the ``nn.Linear`` layout (E, N, K), used without a copy
+            (its gradient is written in that layout, so none is made accumulating it either).
         activation: ``"silu"``, ``"gelu"`` (exact erf) or ``"relu"``.
         b1: (E, I or 2·I), b2: (E, H), optional, x's dtype.
         backend: ``"reference"``, ``"triton"``, ``"cuda"`` or None (see

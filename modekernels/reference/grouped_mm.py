@@ -46,6 +46,15 @@ def gathered_operands(
     return x, dy
 
 
+def empty_weight_grad(x: torch.Tensor, E: int, K: int, N: int, transposed: bool) -> torch.Tensor:
+    """An uninitialised dw (E, K, N) in x's dtype and on x's device: contiguous, or when
+    ``transposed`` with the strides of a contiguous (E, N, K) tensor (the ``nn.Linear`` layout
+    of the weight), i.e. ``x.new_empty(E, N, K).transpose(1, 2)``."""
+    if transposed:
+        return x.new_empty(E, N, K).transpose(1, 2)
+    return x.new_empty(E, K, N)
+
+
 def grouped_mm_weight_grad(
     x: torch.Tensor,
     dy: torch.Tensor,
@@ -53,16 +62,17 @@ def grouped_mm_weight_grad(
     x_rows: torch.Tensor | None = None,
     dy_rows: torch.Tensor | None = None,
     dy_scale: torch.Tensor | None = None,
+    transposed: bool = False,
 ) -> torch.Tensor:
     """dw[e] = X[rows of e]^T @ DY[rows of e]; zero for an empty group.
 
     X, DY (S, K), (S, N): x and dy, or their rows gathered through x_rows / dy_rows (S,) and
     DY scaled by dy_scale (S,) (:func:`gathered_operands`); offs (E,) -> dw (E, K, N) in x's
-    dtype.
+    dtype, laid out as :func:`empty_weight_grad` says (the same values either way).
     """
     x, dy = gathered_operands(x, dy, x_rows, dy_rows, dy_scale)
     acc = accumulation_dtype(x.dtype)
-    dw = x.new_zeros(offs.shape[0], x.shape[1], dy.shape[1])
+    dw = empty_weight_grad(x, offs.shape[0], x.shape[1], dy.shape[1], transposed).zero_()
     for e, (start, end) in enumerate(group_bounds(offs)):
         dw[e] = (x[start:end].to(acc).T @ dy[start:end].to(acc)).to(x.dtype)
     return dw
