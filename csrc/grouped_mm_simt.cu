@@ -114,9 +114,15 @@ struct ForwardParams {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) grouped_mm_kernel(ForwardParams<T> p) {
   int64_t tile = blockIdx.x;
-  int64_t e = 0, start = 0, end = 0;
+  int64_t e = 0, start = 0, end = 0, previous_end = 0;
   for (; e < p.E; ++e) {
     group_rows(p.offs, e, p.S, start, end);
+    // Each group starts where the previous one ended (as the Triton scheduler chains them):
+    // the same rows for valid offsets, and for decreasing ones that a device-side caller can
+    // pass unchecked no overlapping groups, which would need more tiles than the grid holds.
+    start = previous_end;
+    end = end < start ? start : end;
+    previous_end = end;
     const int64_t tiles = (end - start + kTileM - 1) / kTileM;
     if (tile < tiles) break;
     tile -= tiles;

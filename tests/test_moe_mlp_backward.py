@@ -67,13 +67,21 @@ def test_gate_backward_is_deterministic(backend):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+def _column_major(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """A (rows, cols) transposed view: unit stride down the columns."""
+    return torch.randn(cols, rows, device=DEVICE).to(dtype).t()
+
+
+@pytest.mark.parametrize("layout", [_strided, _column_major], ids=["row_slice", "column_major"])
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_opcheck(backend):
-    pre, dh = _strided(9, 2 * 12, torch.float32), _strided(9, 12, torch.float32)
+def test_opcheck(backend, layout):
+    """Includes the fake kernels' output strides: contiguous whatever the inputs' layout, as every
+    backend returns them."""
+    pre, dh = layout(9, 2 * 12, torch.float32), layout(9, 12, torch.float32)
     torch.library.opcheck(
         torch.ops.modekernels.moe_mlp_act_backward.default, (dh, pre, "silu", True), {"backend": backend}
     )
-    h = _strided(9, 12, torch.float32)
+    h = layout(9, 12, torch.float32)
     torch.library.opcheck(
         torch.ops.modekernels.moe_mlp_gate_backward.default,
         (dh, h, torch.rand(9, device=DEVICE)),

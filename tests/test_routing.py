@@ -143,6 +143,7 @@ def test_expert_capacity():
     assert expert_capacity(7, 3, 1.0) == 3
     assert expert_capacity(7, 3, None) == 7
     assert expert_capacity(1, 8, 0.01) == 1
+    assert expert_capacity(7, 3, 1e19) == 7  # at most T (a larger one overflowed the cuda call)
 
 
 # Row tiles of 8 (the smallest), several tiles per program and several scan steps, so that the

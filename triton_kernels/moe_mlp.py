@@ -332,7 +332,7 @@ def gate_backward(
     """(dh = gate·dh_unscaled in h's dtype, Σ_c dh_unscaled·h (S,) float32) per sorted row, in
     one pass; inputs validated by the op, any strides."""
     S, I = h.shape
-    dh = torch.empty_like(h)
+    dh = h.new_empty(S, I)  # contiguous whatever h's layout, as the op declares
     dot = torch.empty(S, dtype=torch.float32, device=h.device)
     if S == 0:
         return dh, dot

@@ -63,7 +63,7 @@ def activation_backward_op(
 @activation_backward_op.register_fake
 def _(dh, pre, activation, gated, backend=None):
     _check_act_backward(dh, pre, activation, gated)
-    return torch.empty_like(pre)
+    return pre.new_empty(pre.shape)  # contiguous, as every backend returns it
 
 
 def _check_gate_backward(dh_unscaled: object, h: object, sorted_gate: object) -> None:
@@ -94,7 +94,7 @@ def gate_backward_op(
 @gate_backward_op.register_fake
 def _(dh_unscaled, h, sorted_gate, backend=None):
     _check_gate_backward(dh_unscaled, h, sorted_gate)
-    return torch.empty_like(h), sorted_gate.new_empty(h.shape[0])
+    return h.new_empty(h.shape), sorted_gate.new_empty(h.shape[0])  # contiguous, as the backends'
 
 
 # Run in the dtypes the forward saved (see modekernels.ops.autocast).

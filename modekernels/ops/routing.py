@@ -116,14 +116,15 @@ class Routing(NamedTuple):
 
 
 def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float | None) -> int:
-    """Tokens each expert keeps: ⌈capacity_factor·T/E⌉, or T when ``capacity_factor`` is None.
+    """Tokens each expert keeps: ⌈capacity_factor·T/E⌉ (at most T, which keeps every token), or
+    T when ``capacity_factor`` is None.
 
     The quotient is rounded to 9 decimals before the ceiling so that floating error does not add
     a slot (1.1·100/10 gives 11, not 12).
     """
     if capacity_factor is None:
         return num_tokens
-    return math.ceil(round(capacity_factor * num_tokens / num_experts, 9))
+    return min(num_tokens, math.ceil(round(capacity_factor * num_tokens / num_experts, 9)))
 
 
 def _check_num_experts(num_experts: object) -> None:

@@ -83,7 +83,7 @@ def gate_backward(
     Σ_c dh_unscaled·h (S,) float32, the gate's gradient without its bias term)."""
     acc = accumulation_dtype(h.dtype)
     rows = dh_unscaled.to(acc)
-    dh = (rows * sorted_gate.to(acc)[:, None]).to(h.dtype)
+    dh = (rows * sorted_gate.to(acc)[:, None]).to(h.dtype).contiguous()
     return dh, (rows * h.to(acc)).sum(1).to(torch.float32)
 
 
