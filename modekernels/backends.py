@@ -75,6 +75,12 @@ class use_backend:
     Use it as a context manager (``with modekernels.use_backend("triton"): ...``), which restores
     the previous choice on exit, or call it once to set the choice for the rest of the process.
     ``use_backend(None)`` returns to the environment variable and then the automatic choice.
+
+    The choice is process-wide, not per thread: threads that serve requests concurrently should
+    pass ``backend=`` instead. An eager backward runs on its forward's backend; code that runs
+    ops when the block has closed (a compiled backward, the forward recomputed by activation
+    checkpointing during ``backward()``) resolves the choice then, so put ``backward()`` inside
+    the block too, or set the choice for the process.
     """
 
     def __init__(self, name: str | None):

@@ -171,8 +171,39 @@ def test_neutral_residue_loss_averages_l1_over_original_tokens(name):
 
 
 def test_neutral_residue_loss_needs_residues():
-    with pytest.raises(ValueError, match="add_neutral_residues first"):
+    with pytest.raises(ValueError, match="the model has no neutral residues"):
         mh.neutral_residue_loss(build("gpt2"), torch.ones(1, 1, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("method", ["neutral_residues", "moefy"])
+def test_losses_read_after_the_forward_refuse_reentrant_checkpointing(method):
+    """Reentrant gradient checkpointing runs the first pass without grad, so the ℓ1 and balance
+    terms the modules keep would train nothing: an error says so; non-reentrant works."""
+    ids = batch(batch_size=2, seq=6)
+    for reentrant in (True, False):
+        model = build("llama")
+        if method == "neutral_residues":
+            mh.add_neutral_residues(model, d_adapter=8)
+
+            def extra():
+                return mh.neutral_residue_loss(model, torch.ones(ids.shape, dtype=torch.bool))
+        else:
+            mh.moefy(model, 2)
+
+            def extra():
+                return sum(mh.moe_losses(model))
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.train()
+        loss = model(ids, labels=ids).loss
+        if reentrant:
+            with pytest.raises(RuntimeError, match="reentrant gradient checkpointing"):
+                extra()
+            continue
+        term = extra()
+        assert term.requires_grad
+        (loss + term).backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0
+                   for n, p in model.named_parameters() if ".added." in n)
 
 
 # --------------------------------------------------------------------------- AdaMix

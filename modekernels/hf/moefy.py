@@ -200,9 +200,6 @@ def moefy(
 
 def moe_losses(model: nn.Module) -> tuple:
     """(balance loss, z loss) of the last forward: each summed over the moefied blocks."""
-    modules = list(surgery.added_modules(model, METHOD.name).values())
-    if not modules:
-        raise ValueError("the model has no experts: call moefy first")
-    if any(m.last_aux_loss is None for m in modules):
-        raise RuntimeError("run a forward pass before moe_losses")
-    return (torch.stack([m.last_aux_loss for m in modules]).sum(), torch.stack([m.last_z_loss for m in modules]).sum())
+    terms = surgery.last_forward_terms(model, METHOD.name, ("last_aux_loss", "last_z_loss"), "experts")
+    aux, z = zip(*terms)
+    return torch.stack(aux).sum(), torch.stack(z).sum()

@@ -113,17 +113,11 @@ def neutral_residue_loss(model: nn.Module, original_mask: torch.Tensor) -> torch
     adapter at nearly the same new-domain gain, while α = 0.01 leaves it unchanged.
     Zero (with a gradient path) when the batch holds no original-domain token.
     """
-    branches = [m for m in surgery.added_modules(model, METHOD.name).values()]
-    if not branches:
-        raise ValueError("the model has no neutral residues: call add_neutral_residues first")
-    if any(b.last_l1 is None for b in branches):
-        raise RuntimeError("run a forward pass before neutral_residue_loss")
     from modekernels.nn import neutral_residue_loss as masked_l1
 
     d = surgery.hidden_size(model)
     terms = []
-    for branch in branches:
-        l1 = branch.last_l1
+    for (l1,) in surgery.last_forward_terms(model, METHOD.name, ("last_l1",), "neutral residues"):
         mask = original_mask.to(device=l1.device, dtype=torch.bool)
         if mask.dim() == 1 and l1.dim() == 2 and mask.shape[0] == l1.shape[0]:
             mask = mask[:, None].expand_as(l1)

@@ -526,6 +526,35 @@ def added_modules(model: nn.Module, method: Optional[str] = None) -> dict:
     return out
 
 
+def last_forward_terms(model: nn.Module, method: str, attributes: tuple[str, ...], what: str) -> list:
+    """For each module ``method`` added to ``model``, the tensors its last forward stored under
+    ``attributes`` (a loss term read after the forward, such as the neutral residues' ℓ1). Raises
+    RuntimeError when there is no such module or no forward yet, and when, in training with grad
+    enabled, a module with trainable parameters stored a term without autograd history: its
+    forward ran without grad (reentrant gradient checkpointing, ``use_reentrant=True``, runs the
+    first pass so), so a loss on it would silently train nothing."""
+    modules = list(added_modules(model, method).values())
+    if not modules:
+        raise ValueError(f"the model has no {what}: patch it first")
+    terms = []
+    for module in modules:
+        values = tuple(getattr(module, name) for name in attributes)
+        if any(value is None for value in values):
+            raise RuntimeError(f"run a forward pass before reading the {what}' losses")
+        trainable = any(p.requires_grad for p in module.parameters())
+        if model.training and torch.is_grad_enabled() and trainable and not all(
+            value.requires_grad for value in values
+        ):
+            raise RuntimeError(
+                f"the last forward of the {what} ran without autograd (under torch.no_grad, or "
+                "in the first pass of reentrant gradient checkpointing), so a loss on it would "
+                "train nothing: use gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                "{'use_reentrant': False}) or run the forward with grad enabled"
+            )
+        terms.append(values)
+    return terms
+
+
 def finish_surgery(
     model: nn.Module, method: str, layers: list, options: dict, freeze_base: Optional[bool]
 ) -> SurgeryReport:
