@@ -175,7 +175,7 @@ def _relayout(w: torch.Tensor, linear: bool) -> torch.Tensor:
     return w.transpose(1, 2).contiguous().transpose(1, 2) if linear else w.contiguous()
 
 
-@pytest.mark.parametrize("backend", backend_params("reference", "triton"))
+@pytest.mark.parametrize("backend", backend_params("reference", "triton", "cuda"))
 @settings(max_examples=30, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=moe_cases(), linear=st.tuples(st.booleans(), st.booleans()),

@@ -317,7 +317,7 @@ def residue_problems(draw) -> tuple:
     )
 
 
-@pytest.mark.parametrize("backend", backend_params("reference", "triton"))
+@pytest.mark.parametrize("backend", backend_params("reference", "triton", "cuda"))
 @settings(max_examples=30, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(problem=residue_problems(), seed=st.integers(0, 2**31 - 1))
@@ -473,7 +473,7 @@ BAD_INPUT_SWEEP = [
     "change, error, match",
     [pytest.param(*row[2:], id=f"{row[0]}-{row[1]}") for row in BAD_INPUT_SWEEP],
 )
-@pytest.mark.parametrize("backend", backend_params("reference", "triton"))
+@pytest.mark.parametrize("backend", backend_params("reference", "triton", "cuda"))
 def test_bad_input_sweep_names_the_argument(backend, change, error, match):
     """A Python exception naming the argument, raised before any backend runs: never a
     RuntimeError from inside torch or an AttributeError from a kernel, never a silent result."""
