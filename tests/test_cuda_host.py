@@ -149,9 +149,11 @@ class FakeC:
     def gather_rows(self, x, T, K, x_stride_t, x_stride_k, perm, S, top_k, dst, element_bytes,
                     stream):
         word = {2: torch.int16, 4: torch.int32}[element_bytes]
-        tokens = _view(perm, torch.int64, (S,), (1,)) // top_k
-        rows = _view(x, word, (T, K), (x_stride_t, x_stride_k))[tokens]
-        _view(dst, word, (S, K), (K, 1)).copy_(rows)
+        slots = _view(perm, torch.int64, (S,), (1,))
+        tokens = torch.where(slots >= 0, slots // top_k, -1)
+        valid = (tokens >= 0) & (tokens < T)  # a slot of no token gives a zero row, as the C++
+        rows = _view(x, word, (T, K), (x_stride_t, x_stride_k))[tokens.clamp(0, max(T - 1, 0))]
+        _view(dst, word, (S, K), (K, 1)).copy_(torch.where(valid[:, None], rows, 0))
 
     def moe_mlp_up_epilogue(self, pre, bias, bias_stride_e, bias_stride_n, offs, S, E, I, gated,
                             activation, keep, h, dtype, stream):
@@ -186,6 +188,7 @@ class FakeC:
 
     def neutral_residue_gate(self, x, T, d, x_stride_t, x_stride_d, w_gate, w_gate_stride,
                              b_gate, gate, g, dtype, stream):
+        assert GATES[gate] != "none", "the C++ gate kernel refuses gate 'none'"
         dt = DTYPES[dtype]
         z = _view(x, dt, (T, d), (x_stride_t, x_stride_d)).float() @ _view(
             w_gate, dt, (d,), (w_gate_stride,)).float()
