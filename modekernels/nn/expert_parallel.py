@@ -13,7 +13,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from modekernels._checks import FLOAT_DTYPES, check_tensor
 from modekernels.nn.moe import GroupedExperts
 from modekernels.ops.moe_mlp import moe_mlp_sorted, slot_order_sum
-from modekernels.ops.routing import sort_by_expert
+from modekernels.ops.routing import INDEX_DTYPES, sort_by_expert
 
 
 def _resolve_group(group: dist.ProcessGroup | DeviceMesh | None) -> dist.ProcessGroup:
@@ -57,11 +57,17 @@ class ExpertParallelExperts(nn.Module):
     the results back; scale each slot by its gate at home and sum each token's k slots in slot
     order (deterministic). Gradients reach x, gate and the local parameters; a local parameter's
     gradient sums the contributions of every rank's tokens, as the all-to-all backward delivers
-    them.
+    them. Under ``torch.autocast`` the result comes in the dtype the experts compute in, as
+    ``experts``' does.
 
     The split sizes of a variable-size all-to-all must be known on the host, so each forward
     reads the counts once (one small device-to-host synchronisation, inherent to this exchange).
-    Every rank of the group must run forward and backward together: they are collectives.
+    Every rank of the group must run forward and backward together: they are collectives. So
+    gradients must flow back through the same all-to-alls on every rank: under grad mode, x
+    requires grad on every rank or on none, and so do the local experts' parameters where x does
+    not. The ranks share that, and how many expert_idx entries each has outside [0, E), with
+    the counts, so that a mismatch or a bad index raises the same ValueError on every rank
+    instead of leaving the others waiting in a collective.
     """
 
     def __init__(
@@ -86,13 +92,50 @@ class ExpertParallelExperts(nn.Module):
         self.b1 = _slice(experts.b1, first, count)
         self.b2 = _slice(experts.b2, first, count)
 
-    def _exchange_counts(self, per_expert: torch.Tensor) -> tuple[list[int], list[int], torch.Tensor]:
-        """per_expert (E,) int64 counts of this rank's slots -> the rows sent to and received
-        from each rank (host lists) and the received counts (W, E/W) on the device."""
-        received = torch.empty_like(per_expert)
-        dist.all_to_all_single(received, per_expert, group=self.group)
-        host = torch.cat([per_expert, received]).view(2, self.world_size, -1).sum(2).tolist()
-        return host[0], host[1], received.view(self.world_size, self.num_local_experts)
+    def _exchange_counts(
+        self, per_expert: torch.Tensor, status: torch.Tensor
+    ) -> tuple[list[int], list[int], torch.Tensor, list[list[int]]]:
+        """per_expert (E,) int64 counts of this rank's slots and status (S,) int64 values every
+        rank must see -> the rows sent to and received from each rank (host lists), the received
+        counts (W, E/W) on the device and each rank's status (W lists of S ints), in one
+        all-to-all and one read to the host."""
+        local = self.num_local_experts
+        sent = torch.cat([per_expert.view(self.world_size, local),
+                          status.expand(self.world_size, -1)], 1)
+        received = torch.empty_like(sent)
+        dist.all_to_all_single(received, sent, group=self.group)
+        table = torch.cat([sent[:, :local].sum(1, keepdim=True),
+                           received[:, :local].sum(1, keepdim=True), received[:, local:]], 1)
+        rows = table.tolist()  # by rank r: rows sent to r, rows received from r, r's status
+        return ([row[0] for row in rows], [row[1] for row in rows], received[:, :local],
+                [row[2:] for row in rows])
+
+    def _all_to_alls_in_graph(self, x: torch.Tensor) -> int:
+        """How many of forward's two all-to-alls gradients flow back through here: the tokens'
+        where x needs grad, the results' also where only the local experts' parameters do."""
+        if not torch.is_grad_enabled():
+            return 0
+        if x.requires_grad:
+            return 2
+        return int(any(p.requires_grad for p in self.parameters()))
+
+    def _check_status(self, status: list[list[int]]) -> None:
+        """Raise on every rank alike from every rank's status [out-of-range expert_idx entries,
+        all-to-alls in the autograd graph]."""
+        out_of_range = {rank: bad for rank, (bad, _) in enumerate(status) if bad}
+        if out_of_range:
+            raise ValueError(
+                f"expert_idx must be in [0, {self.num_experts}), got entries outside it on "
+                f"rank(s) {sorted(out_of_range)} of the group (count by rank: {out_of_range})"
+            )
+        in_graph = [graph for _, graph in status]
+        if len(set(in_graph)) > 1:
+            raise ValueError(
+                "x.requires_grad (and the local experts' requires_grad where x does not require "
+                "grad, under grad mode) must agree across ranks: the all-to-alls' backward is a "
+                "collective, so gradients must flow through the same ones on every rank; got "
+                f"{in_graph} of the 2 all-to-alls by rank"
+            )
 
     def _local_experts(self, rows: torch.Tensor, counts: torch.Tensor, total: int) -> torch.Tensor:
         """The local experts on received rows (R, H), ordered by source rank then local expert
@@ -111,6 +154,7 @@ class ExpertParallelExperts(nn.Module):
         sorted_slots: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         check_tensor("x", x, rank=2, dtypes=FLOAT_DTYPES)
+        check_tensor("expert_idx", expert_idx, dtypes=INDEX_DTYPES, device=x.device)
         check_tensor("gate", gate, dtypes=FLOAT_DTYPES, device=x.device)
         if gate.shape != expert_idx.shape or expert_idx.shape[0] != x.shape[0]:
             raise ValueError(
@@ -119,13 +163,19 @@ class ExpertParallelExperts(nn.Module):
             )
         num_tokens = x.shape[0]
         top_k = expert_idx.shape[1] if expert_idx.dim() == 2 else 1
-        if sorted_slots is None:
-            perm, offs = sort_by_expert(expert_idx, self.num_experts)
+        out_of_range = ((expert_idx < 0) | (expert_idx >= self.num_experts)).sum()
+        if sorted_slots is None:  # clamped: a bad index raises after the exchange, on every rank
+            perm, offs = sort_by_expert(expert_idx.clamp(0, self.num_experts - 1),
+                                        self.num_experts)
         else:
             perm, offs = sorted_slots
         ends = offs.to(torch.int64)
         per_expert = torch.diff(ends, prepend=ends.new_zeros(1))
-        send, receive, received_counts = self._exchange_counts(per_expert)
+        status = torch.stack([out_of_range, torch.full_like(out_of_range,
+                                                            self._all_to_alls_in_graph(x))])
+        send, receive, received_counts, statuses = self._exchange_counts(per_expert, status)
+        if not torch.compiler.is_compiling():  # the statuses are unbacked SymInts while tracing
+            self._check_status(statuses)
         kept = perm[:sum(send)]  # slots past offs[-1] were dropped by capacity
         received = funcol.all_to_all_single_autograd(x[kept // top_k], receive, send, self.group)
         outputs = self._local_experts(received, received_counts, sum(receive))
@@ -133,7 +183,7 @@ class ExpertParallelExperts(nn.Module):
         scaled = returned.float() * gate.reshape(-1)[kept].float().unsqueeze(1)
         dropped = scaled.new_zeros(perm.shape[0] - kept.shape[0], x.shape[1])
         summed = slot_order_sum(torch.cat([scaled, dropped]), perm, num_tokens, top_k)
-        return summed.to(x.dtype)
+        return summed.to(outputs.dtype)  # the experts' dtype: x's, or autocast's
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, local_experts=[{self.first_expert}, "
