@@ -150,7 +150,9 @@ def moefy(
     rest (:func:`deal_neurons`), ranked by ``importance`` (one (d_ff,) tensor per block of the
     model, from :func:`~modekernels.hf.compute_ffn_importance`) or by index. ``routing``:
     ``"learned"`` (top-1 with the balance loss) or ``"hash"`` (MoEBERT's fixed vocabulary → expert table, from the
-    model's ``input_ids``). Add :func:`moe_losses`'s balance loss to the training loss. With
+    model's ``input_ids``; the experts read the ids of the model's latest forward, so with
+    activation checkpointing, which reruns the blocks during ``backward()``, run each backward
+    before the next forward). Add :func:`moe_losses`'s balance loss to the training loss. With
     ``freeze_base`` only the experts and routers train. Undo with :func:`unpatch`.
 
     The dense FFN weights stay in the model under their names (frozen when ``freeze_base``,
