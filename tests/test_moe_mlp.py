@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import modekernels
+from modekernels import backends
 from modekernels.ops import moe_mlp as ops
 from modekernels.reference import moe_mlp as reference
 
@@ -498,3 +499,14 @@ def test_compiles_with_dynamic_shapes_and_the_weights_as_inputs():
                   torch.rand(T, device=DEVICE), torch.randn(E, H, I, device=DEVICE),
                   torch.randn(E, I, H, device=DEVICE))
         torch.testing.assert_close(compiled(*inputs), forward(*inputs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_explicit_backend_runs_every_op_of_the_call(backend):
+    """backend= reaches the sort by expert too, not only the GEMM stages (on the CPU the
+    automatic choice of the sort would be the reference)."""
+    case = CASES[0]
+    with backends.record_runs() as runs:
+        run(case, make_inputs(case, torch.float32), backend)
+    assert runs["sort_by_expert"] == backend and runs["moe_mlp_up"] == backend
+

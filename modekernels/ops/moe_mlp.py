@@ -402,7 +402,7 @@ def moe_mlp(
         activation: ``"silu"``, ``"gelu"`` (exact erf) or ``"relu"``.
         b1: (E, I or 2·I), b2: (E, H), optional, x's dtype.
         backend: ``"reference"``, ``"triton"``, ``"cuda"`` or None (see
-            :mod:`modekernels.backends`).
+            :mod:`modekernels.backends`), for every op of the call, the sort by expert included.
 
     Returns:
         y (T, H) in x's dtype, accumulated in float32; bit-identical from run to run (the sum
@@ -419,6 +419,6 @@ def moe_mlp(
     x, w1, w2, b1, b2 = autocast.autocast_operands((x, w1, w2, b1, b2))
     _check_routing(x, expert_idx, gate, w1, w2, b1, b2, activation, gated)
     top_k = expert_idx.shape[1] if expert_idx.dim() == 2 else 1
-    perm, offs = sort_by_expert(expert_idx, w1.shape[0])
+    perm, offs = sort_by_expert(expert_idx, w1.shape[0], backend=backend)
     return moe_mlp_sorted(x, perm, offs, gate.reshape(x.shape[0], top_k), w1, w2,
                           activation=activation, gated=gated, b1=b1, b2=b2, backend=backend)
