@@ -144,7 +144,8 @@ __global__ void route_rows_kernel(const T* logits, int64_t num_tokens, int64_t E
     for (int64_t c = lane; c < E; c += kWarpSize) sum_exp += expf(to_float(x[c * stride_e]) - best);
     sum_exp = warp_sum(sum_exp);
     const float inv_sum = 1.0f / sum_exp;
-    const float lse = best + logf(sum_exp);
+    // torch.logsumexp's rule: an infinite max is the row's logsumexp (-inf for a row of -inf)
+    const float lse = isinf(best) ? best : best + logf(sum_exp);
     for (int64_t c = lane; c < E; c += kWarpSize) {
       own_probs[c] += expf(to_float(x[c * stride_e]) - best) * inv_sum;
     }

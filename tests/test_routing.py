@@ -412,9 +412,9 @@ def test_unchecked_out_of_range_indices_keep_perm_a_permutation(backend, dtype, 
 @pytest.mark.parametrize("backend", backend_params("triton", "cuda"))
 def test_kernels_route_infinite_rows_and_capacity_zero(backend, capacity):
     """What the op's host code never passes or cannot see: capacity 0 (every token dropped, gate
-    0), a row of -inf (expert 0), rows holding +inf (their first +inf). Every output but lse and
-    the losses equals the reference's (a -inf row has lse -inf there, NaN in the kernels; the
-    losses are then NaN or inf)."""
+    0), a row of -inf (expert 0), rows holding +inf (their first +inf). Every output equals the
+    reference's, lse and the losses included (an infinite row max is the row's logsumexp, as in
+    torch.logsumexp), NaN where the reference has NaN."""
     from modekernels.reference import routing as ref
 
     inf = float("inf")
@@ -422,11 +422,15 @@ def test_kernels_route_infinite_rows_and_capacity_zero(backend, capacity):
     logits[4] = -inf
     logits[7, 2] = logits[7, 5] = inf
     logits[11, 3] = inf
-    routing, _, routed = _as_routing(_unchecked_kernel(backend, "route_top1", logits, capacity))
-    expected, _, expected_routed = _as_routing(ref.route_top1(logits, capacity))
+    routing, lse, routed = _as_routing(_unchecked_kernel(backend, "route_top1", logits, capacity))
+    expected, expected_lse, expected_routed = _as_routing(ref.route_top1(logits, capacity))
     assert routing.expert_idx[[4, 7, 11]].tolist() == [0, 2, 3]
     _assert_same_choices(routing, expected)
     assert torch.equal(routed, expected_routed)
+    assert lse[[4, 7, 11]].tolist() == [-inf, inf, inf]
+    torch.testing.assert_close(lse, expected_lse, equal_nan=True)
+    for name in ("aux_loss", "z_loss"):
+        torch.testing.assert_close(getattr(routing, name), getattr(expected, name), equal_nan=True)
     if capacity == 0:
         assert torch.all(routing.dropped) and torch.all(routing.gate == 0)
 
