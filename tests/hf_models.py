@@ -70,3 +70,15 @@ def logits(model, ids, **kwargs):
     """The model's logits for ids, without gradients."""
     with torch.no_grad():
         return model(ids, **kwargs).logits
+
+
+def perturb_domain_experts(model, *, noise: float = 0.05) -> None:
+    """Random MoDE gates and experts moved off the backbone's copies (by ``noise``), in place, so
+    that every active expert changes the output."""
+    import modekernels.hf as mh
+
+    with torch.no_grad():
+        for module in mh.added_modules(model, "domain_experts").values():
+            module.gate.weight.normal_(std=0.5)
+            for p in module.experts.parameters():
+                p.add_(torch.randn_like(p) * noise)

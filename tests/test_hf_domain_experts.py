@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import NAMES, batch, build, logits
+from hf_models import NAMES, batch, build, logits, perturb_domain_experts
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import modekernels.hf as mh
@@ -26,11 +26,7 @@ def test_domain_ids_route_each_sequence_to_its_expert(name):
     report = mh.add_domain_experts(model, ["news", "code"], layers_per_expert=2, blocks=[0])
     assert report.layers == [0] and len(report.modules) == 1
     mh.compose(model)
-    with torch.no_grad():
-        for module in mh.added_modules(model).values():
-            module.gate.weight.normal_(std=0.5)
-            for p in module.experts.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
+    perturb_domain_experts(model)
     mixed = logits(model, ids, domain_ids=torch.tensor([1, -1, 0]))
     torch.testing.assert_close(mixed[1], base[1], rtol=0, atol=0)  # -1: the backbone alone
     for row, domain in ((0, 1), (2, 0)):
@@ -143,11 +139,7 @@ def test_grouped_experts_equal_the_per_expert_loop(name, monkeypatch):
     model = build(name)
     mh.add_domain_experts(model, ["news", "code", "law"], layers_per_expert=2)
     mh.compose(model)
-    with torch.no_grad():
-        for module in mh.added_modules(model).values():
-            module.gate.weight.normal_(std=0.5)
-            for p in module.experts.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
+    perturb_domain_experts(model)
     ids = batch(batch_size=5, seq=6)
     mask = torch.ones_like(ids)
     mask[1, 4:] = 0  # padding reaches the experts' attention through the gathered mask

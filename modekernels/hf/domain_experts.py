@@ -17,10 +17,10 @@ untouched), so ``Trainer`` keeps a ``domain_ids`` dataset column with its defaul
 experts of one block run together, each of their linear layers as one grouped GEMM over all
 domains.
 
-The expert layers run without the KV cache: while an expert is active, generate with
-``use_cache=False`` (each step recomputes the prefix); a forward that is handed a cache
-(``past_key_values``, as ``generate`` does by default) raises ValueError rather than decode on
-from key/values the experts never stored. With no expert active the cache works as usual.
+The expert layers use the KV cache as the backbone does: handed the model's cache
+(``past_key_values``, as ``generate`` does by default), they keep their keys and values beside it
+(:mod:`modekernels.hf.expert_cache`), so each decoding step runs them on its new tokens only.
+Keep the active experts and ``domain_ids`` for the whole generation.
 
 The stage (which experts are active, and whether :func:`train_domain` or :func:`compose` set it)
 is part of the options that :func:`~modekernels.hf.save_modules` writes; ``load_modules`` and
@@ -38,6 +38,7 @@ from torch import nn
 
 from modekernels._checks import check_positive_int, values_visible
 from modekernels.hf import surgery
+from modekernels.hf.expert_cache import expert_layer_caches
 from modekernels.nn.stacked import Grouping, StackedModules
 from modekernels.ops.routing import sort_by_expert
 
@@ -48,7 +49,8 @@ class DomainExperts(nn.Module):
     """The domain experts and the gate beside one block.
 
     ``forward(x, y, *block_args, **block_kwargs)``: x (B, T, d) the block input, y the block's
-    output; returns the gated mixture. ``active`` (a Python list of domain names) says which
+    output, the block's arguments (a KV cache among them reaches the experts as
+    :mod:`~modekernels.hf.expert_cache` says); returns the gated mixture. ``active`` (a Python list of domain names) says which
     experts take part; ``domain_ids`` (B,) int64 or None routes sequences to one domain each.
 
     The experts run together: layer k of every domain's expert is stacked into one
@@ -67,9 +69,12 @@ class DomainExperts(nn.Module):
     neither stacked nor run.
     """
 
-    def __init__(self, domains: Sequence[str], experts: Sequence[Sequence[nn.Module]], d_model: int):
+    def __init__(
+        self, domains: Sequence[str], experts: Sequence[Sequence[nn.Module]], d_model: int, block: int
+    ):
         super().__init__()
         self.domains = list(domains)
+        self.block = block  # the index of the block beside which the experts sit
         self.experts = nn.ModuleDict({name: nn.ModuleList(layers) for name, layers in zip(domains, experts)})
         self.gate = nn.Linear(d_model, 1 + len(self.domains))
         nn.init.zeros_(self.gate.weight)
@@ -124,7 +129,7 @@ class DomainExperts(nn.Module):
         if expert_batch is not None:
             src, grouping = expert_batch
             block_args = _gather_batch((args, kwargs), src, x.shape[0])
-            h = self._run_experts(grouping, x.index_select(0, src), block_args)
+            h = self._run_experts(grouping, src, x.shape[0], x.index_select(0, src), block_args)
             out = self._add_experts(out, a, h, src, grouping)
         return (out, *y[1:]) if isinstance(y, tuple) else out
 
@@ -156,16 +161,26 @@ class DomainExperts(nn.Module):
             return out + contribution.view(len(grouping.members), *out.shape).sum(0)
         return out.index_add(0, src, contribution)  # each sequence at most once
 
-    def _run_experts(self, grouping: Grouping, h: torch.Tensor, block_args: tuple) -> torch.Tensor:
+    def _run_experts(
+        self, grouping: Grouping, src: torch.Tensor, batch: int, h: torch.Tensor, block_args: tuple
+    ) -> torch.Tensor:
+        """The expert layers on the expert batch h (P, T, d) of sequences ``src`` of the batch of
+        ``batch``; the block's KV cache, when it gets one, swapped for the experts' own."""
         args, kwargs = block_args
         if any(stacked.training != self.training for stacked in self.stacked):
             for stacked in self.stacked:
                 stacked.train(self.training)
-        for stacked in self.stacked:
+        caches = None
+        for depth, stacked in enumerate(self.stacked):
             bound = inspect.signature(stacked.template.forward).bind_partial(h, *args, **kwargs)
-            for key, value in (("past_key_values", None), ("use_cache", False)):
-                if key in bound.arguments:
-                    bound.arguments[key] = value
+            cache = bound.arguments.get("past_key_values")
+            if cache is not None and caches is None:
+                caches = expert_layer_caches(cache, self, self.block, len(self.stacked), h.shape[1],
+                                             grouping.members, src, grouping.group, batch)
+            if cache is not None:
+                bound.arguments["past_key_values"] = caches[depth]
+            elif "use_cache" in bound.arguments:
+                bound.arguments["use_cache"] = False
             h = stacked(grouping, *bound.args, **bound.kwargs)
             h = h[0] if isinstance(h, tuple) else h
         return h
@@ -199,7 +214,7 @@ def _build(model: nn.Module, layer: int, options: dict) -> nn.Module:
             layers.append(copy)
         experts.append(layers)
     surgery.set_instance_method(model, "forward", _forward_taking_domain_ids(type(model)))
-    return DomainExperts(options["domains"], experts, surgery.hidden_size(model))
+    return DomainExperts(options["domains"], experts, surgery.hidden_size(model), layer)
 
 
 def _restore(model: nn.Module, layer: int, options: dict) -> None:
@@ -250,7 +265,7 @@ def _forward_taking_domain_ids(cls: type) -> Callable:
     forward on the other arguments."""
 
     def forward(self, *args, domain_ids=None, **kwargs):
-        _route(self, domain_ids, kwargs.get("past_key_values"))
+        _route(self, domain_ids)
         return cls.forward(self, *args, **kwargs)
 
     signature = inspect.signature(cls.forward)
@@ -261,18 +276,12 @@ def _forward_taking_domain_ids(cls: type) -> Callable:
     return forward
 
 
-def _route(model: nn.Module, domain_ids, cache) -> None:
+def _route(model: nn.Module, domain_ids) -> None:
     """Hand ``domain_ids`` (B,) to every block's experts (None: all active experts for every
-    token); raise ValueError when a KV cache reaches active experts, which keep none."""
+    token)."""
     if domain_ids is not None and not isinstance(domain_ids, torch.Tensor):
         domain_ids = torch.as_tensor(domain_ids)
-    experts = list(surgery.added_modules(model, METHOD.name).values())
-    if cache is not None and any(module.active for module in experts):
-        raise ValueError(
-            "MoDE: the active domain experts do not use the KV cache (past_key_values), so "
-            "decoding on from it would be wrong; generate with use_cache=False"
-        )
-    for module in experts:
+    for module in surgery.added_modules(model, METHOD.name).values():
         module.domain_ids = domain_ids
 
 
