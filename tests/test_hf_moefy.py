@@ -8,7 +8,7 @@ import torch
 from hf_models import batch, build
 
 import modekernels.hf as mh
-from modekernels.hf.moefy import deal_neurons
+from modekernels.hf.moefy import TOKEN_IDS_KWARG, deal_neurons
 
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
@@ -149,6 +149,42 @@ def test_hash_routing_follows_the_token_ids():
         assert torch.equal(module.token_ids, ids)
         routing = module.moe.router(torch.zeros(ids.numel(), 32), ids.reshape(-1))
         assert torch.equal(routing.expert_idx, module.moe.router.table[ids.reshape(-1)])
+    mh.unpatch(model)  # the hooks that carry the ids go too
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")  # v5.23
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_hash_routing_under_checkpointing_reruns_each_block_with_its_own_ids(name, use_reentrant):
+    """Two forwards of different ids, then one backward: activation checkpointing reruns the
+    blocks of the first forward during backward() with the first forward's ids (the gradients
+    equal those without checkpointing), and the attention never sees the ids."""
+    model = build(name)
+    mh.moefy(model, 4, routing="hash", freeze_base=False)
+    model.train()
+    first, second = batch(seed=1), batch(seed=2)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same dropout masks in every run
+        loss = model(first, labels=first).loss + model(second, labels=second).loss
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want = grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    _, blocks = mh.surgery.blocks(model)
+    attention = mh.surgery.detect_family(model).attention_attr
+    seen = []
+    for block in blocks:  # runs after moefy's hook: what the attention's forward gets
+        getattr(block, attention).register_forward_pre_hook(lambda m, a, k: seen.append(sorted(k)), with_kwargs=True)
+    got = grads()
+    assert len(seen) == 2 * len(blocks) * 2  # two forwards, each block rerun once
+    assert not any(TOKEN_IDS_KWARG in kwargs for kwargs in seen)
+    assert got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)
 
 
 def test_moefy_rejects_what_it_cannot_fuse():

@@ -11,6 +11,7 @@ neuron: it is added once after the experts.
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -82,8 +83,9 @@ class ExpertFFN(nn.Module):
 
     ``moe`` is a :class:`modekernels.nn.MoEMLP` (top-1 routing, grouped experts); ``bias`` the
     dense FFN's output bias, shared by all experts (None when the FFN has none). After a forward,
-    ``last_aux_loss`` / ``last_z_loss`` hold the router's losses; ``token_ids`` (set from the
-    model's ``input_ids`` on each forward) feed hash routing.
+    ``last_aux_loss`` / ``last_z_loss`` hold the router's losses; ``token_ids`` (the
+    ``input_ids`` of the model call that runs the block, set as the block starts) feed hash
+    routing.
     """
 
     replaces_ffn = True
@@ -115,20 +117,42 @@ def _build(model: nn.Module, layer: int, options: dict) -> nn.Module:
         vocab_size=getattr(model.config, "vocab_size", None) if options["routing"] == "hash" else None,
         seed=layer,
     )
-    if options["routing"] == "hash":
-        surgery.ensure_forward_pre_hook(model, _capture_token_ids)
     bias = None if ffn.b_out is None else torch.zeros_like(ffn.b_out, device="cpu")
-    return ExpertFFN(moe, bias)
+    experts = ExpertFFN(moe, bias)
+    if options["routing"] == "hash":
+        surgery.ensure_forward_pre_hook(model, _pass_token_ids)
+        attention = getattr(surgery.unwrap(block_list[layer]), family.attention_attr)
+        surgery.ensure_forward_pre_hook(model, functools.partial(_take_token_ids, experts),
+                                        module=attention, key=(_take_token_ids, layer))
+    return experts
 
 
 METHOD = surgery.register_method(surgery.Method("moefy", "ffn", _build))
 
+# The keyword argument that carries the model call's input_ids to its blocks.
+TOKEN_IDS_KWARG = "modekernels_token_ids"
 
-def _capture_token_ids(model: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook: hand the model's ``input_ids`` to the hash-routed experts."""
+
+def _pass_token_ids(model: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """Model forward pre-hook: the model's ``input_ids`` join the keyword arguments, which the
+    supported families hand on to every block and each block to its attention, which runs
+    before the FFN (so transformers' activation checkpointing, which reruns a block's forward
+    during ``backward()`` with the arguments of its call, routes the rerun by the ids of its own
+    forward). The experts also keep them directly, for a block called in a way that the keyword
+    arguments do not reach."""
     ids = kwargs.get("input_ids", args[0] if args else None)
     for module in surgery.added_modules(model, METHOD.name).values():
         module.token_ids = ids
+    return args, {**kwargs, TOKEN_IDS_KWARG: ids}
+
+
+def _take_token_ids(experts: ExpertFFN, attention: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """Forward pre-hook of a block's attention: hand the ids of this call to the block's
+    hash-routed experts and take them out of the arguments the attention sees."""
+    if TOKEN_IDS_KWARG in kwargs:
+        kwargs = dict(kwargs)
+        experts.token_ids = kwargs.pop(TOKEN_IDS_KWARG)
+    return args, kwargs
 
 
 def moefy(
@@ -150,9 +174,8 @@ def moefy(
     rest (:func:`deal_neurons`), ranked by ``importance`` (one (d_ff,) tensor per block of the
     model, from :func:`~modekernels.hf.compute_ffn_importance`) or by index. ``routing``:
     ``"learned"`` (top-1 with the balance loss) or ``"hash"`` (MoEBERT's fixed vocabulary → expert table, from the
-    model's ``input_ids``; the experts read the ids of the model's latest forward, so with
-    activation checkpointing, which reruns the blocks during ``backward()``, run each backward
-    before the next forward). Add :func:`moe_losses`'s balance loss to the training loss. With
+    model's ``input_ids``, handed to each block with its call's arguments, so that activation
+    checkpointing reruns a block with the ids of its own forward). Add :func:`moe_losses`'s balance loss to the training loss. With
     ``freeze_base`` only the experts and routers train. Undo with :func:`unpatch`.
 
     The dense FFN weights stay in the model under their names (frozen when ``freeze_base``,

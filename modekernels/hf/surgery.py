@@ -87,13 +87,15 @@ class Family:
 
     ``ffn_attr`` names the submodule of a block that :class:`PatchedFFN` replaces; ``style``
     selects the wrapper's glue (``"bert"`` for ``BertOutput``'s (h, x) call, ``"mlp"`` for an
-    x -> y module).
+    x -> y module); ``attention_attr`` names the block's attention, which the block runs first
+    and hands its keyword arguments.
     """
 
-    def __init__(self, name: str, ffn_attr: str, style: str):
+    def __init__(self, name: str, ffn_attr: str, style: str, attention_attr: str):
         self.name = name
         self.ffn_attr = ffn_attr
         self.style = style
+        self.attention_attr = attention_attr
 
     def __repr__(self) -> str:
         return f"Family({self.name!r})"
@@ -123,9 +125,9 @@ class Family:
 
 
 FAMILIES = {
-    "bert": Family("bert", "output", "bert"),
-    "gpt2": Family("gpt2", "mlp", "mlp"),
-    "llama": Family("llama", "mlp", "mlp"),
+    "bert": Family("bert", "output", "bert", "attention"),
+    "gpt2": Family("gpt2", "mlp", "mlp", "attn"),
+    "llama": Family("llama", "mlp", "mlp", "self_attn"),
 }
 
 _BLOCK_LISTS = ("encoder.layer", "h", "layers", "decoder.layers")
@@ -506,12 +508,18 @@ def save_pretrained_with_modules(model: nn.Module, save_directory, *args, **kwar
     return result
 
 
-def ensure_forward_pre_hook(model: nn.Module, hook: Callable) -> None:
-    """Register ``hook(model, args, kwargs)`` as a forward pre-hook of ``model`` once (keyword
-    arguments included); :func:`unpatch` removes it."""
+def ensure_forward_pre_hook(
+    model: nn.Module, hook: Callable, *, module: Optional[nn.Module] = None, key=None
+) -> None:
+    """Register ``hook(module, args, kwargs)`` as a forward pre-hook of ``module`` (default:
+    ``model``), keyword arguments included (a returned ``(args, kwargs)`` replaces them), once
+    per ``key`` (default: the hook itself): a later call with the same key replaces the earlier
+    hook. :func:`unpatch` removes it."""
     hooks = _state(model)["hooks"]
-    if hook not in hooks:
-        hooks[hook] = model.register_forward_pre_hook(hook, with_kwargs=True)
+    key = hook if key is None else key
+    if key in hooks:
+        hooks.pop(key).remove()
+    hooks[key] = (model if module is None else module).register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def added_modules(model: nn.Module, method: Optional[str] = None) -> dict:
