@@ -192,3 +192,49 @@ def test_each_linear_of_the_experts_is_one_grouped_mm_whatever_the_domains(name,
     assert grouped_mm not in ops.counts
     with pytest.raises(ValueError, match=r"domain_ids must have shape \(4,\), one id per sequence; got \(3,\)"):
         logits(model, ids, domain_ids=torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")  # v5.23
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_disable` is deprecated:FutureWarning")
+@pytest.mark.parametrize("enabled_before_surgery", [False, True])
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_reaches_the_expert_layers(use_reentrant, enabled_before_surgery):
+    """With gradient_checkpointing_enable (before or after add_domain_experts) each depth of the
+    stacked expert layers runs as one checkpointed call, rerun during backward() with its own
+    grouping; the gradients equal those without checkpointing."""
+    model = build("llama")
+    enable = dict(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    if enabled_before_surgery:
+        model.gradient_checkpointing_enable(**enable)
+    mh.add_domain_experts(model, ["news", "code", "law"], layers_per_expert=2)
+    mh.compose(model)
+    perturb_domain_experts(model)
+    if not enabled_before_surgery:
+        model.gradient_checkpointing_enable(**enable)
+    model.train()
+    experts = list(mh.added_modules(model).values())
+    calls = []
+    for module in experts:
+        for layer in module.experts["news"]:  # the first source of each stacked depth
+            def spy(*args, _inner=layer._gradient_checkpointing_func, **kwargs):
+                calls.append(1)
+                return _inner(*args, **kwargs)
+
+            layer._gradient_checkpointing_func = spy
+    ids, domain_ids = batch(batch_size=4, seq=6), torch.tensor([2, -1, 0, 2])
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(ids, labels=ids, domain_ids=domain_ids).loss
+        loss = loss + model(ids.flip(0), labels=ids.flip(0)).loss  # another grouping before backward
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    got = grads()
+    assert len(calls) == 2 * len(experts) * 2  # two forwards, two stacked depths per block
+    model.gradient_checkpointing_disable()
+    want = grads()
+    assert len(calls) == 2 * len(experts) * 2
+    assert got.keys() == want.keys() and any(".experts.law." in n for n in got)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)

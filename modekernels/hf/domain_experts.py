@@ -20,7 +20,9 @@ domains.
 The expert layers use the KV cache as the backbone does: handed the model's cache
 (``past_key_values``, as ``generate`` does by default), they keep their keys and values beside it
 (:mod:`modekernels.hf.expert_cache`), so each decoding step runs them on its new tokens only.
-Keep the active experts and ``domain_ids`` for the whole generation.
+Keep the active experts and ``domain_ids`` for the whole generation. Under activation
+checkpointing (``gradient_checkpointing_enable``, before or after the surgery) each depth of the
+expert layers is checkpointed as the backbone's blocks are.
 
 The stage (which experts are active, and whether :func:`train_domain` or :func:`compose` set it)
 is part of the options that :func:`~modekernels.hf.save_modules` writes; ``load_modules`` and
@@ -211,6 +213,9 @@ def _build(model: nn.Module, layer: int, options: dict) -> nn.Module:
             copy = type(source)(model.config, layer_idx=layer)
             wanted = copy.state_dict()
             copy.load_state_dict({key: v for key, v in source.state_dict().items() if key in wanted})
+            for flag in ("gradient_checkpointing", "_gradient_checkpointing_func"):  # enabled already
+                if flag in source.__dict__:
+                    setattr(copy, flag, source.__dict__[flag])
             layers.append(copy)
         experts.append(layers)
     surgery.set_instance_method(model, "forward", _forward_taking_domain_ids(type(model)))

@@ -27,7 +27,11 @@ each call stacks the parameters of the groups' modules (one copy; a view when on
 gradients reach each source's own tensors, optimisers and ``requires_grad`` flags work per source,
 and state dicts are unchanged. The template shares each source's buffer dicts, so device and
 dtype moves of the sources reach it; it has its own hooks (none) and ``training`` flag
-(:class:`StackedModules`' ``train``/``eval``).
+(:class:`StackedModules`' ``train``/``eval``). It never checkpoints itself: when the first
+source has transformers' activation checkpointing on (``gradient_checkpointing`` and its
+``_gradient_checkpointing_func``, as ``gradient_checkpointing_enable`` sets them) and the
+template is training, :meth:`StackedModules.forward` checkpoints the whole call, grouping
+included, with that function.
 
 Which sequence runs through which module reaches the leaves as a :class:`Grouping`, set by
 :meth:`StackedModules.forward` for the duration of one call.
@@ -35,6 +39,7 @@ Which sequence runs through which module reaches the leaves as a :class:`Groupin
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -208,6 +213,8 @@ def _template(sources: list, slot: _Slot, path: str) -> nn.Module:
     copy._buffers = first._buffers  # shared dicts: moves of the source's buffers reach the copy
     copy._non_persistent_buffers_set = first._non_persistent_buffers_set
     copy.training = first.training
+    if "gradient_checkpointing" in copy.__dict__:  # StackedModules.forward checkpoints instead
+        copy.gradient_checkpointing = False
     for name, child in first._modules.items():
         copy._modules[name] = None if child is None else _template(
             [s._modules[name] for s in sources], slot, f"{path}.{name}" if path else name
@@ -223,7 +230,9 @@ class StackedModules(nn.Module):
     :class:`Grouping` says: each sequence goes through module ``grouping.members[g]`` of its
     group g only, every linear layer of all groups in one ``grouped_mm``. Tensors that reach a
     stacked leaf must have the sequences on dim 0. Holds no parameters: ``modules`` keep theirs
-    (their owner must keep them registered) and are read at each call.
+    (their owner must keep them registered) and are read at each call. In training, with
+    activation checkpointing on in ``modules[0]`` (see the module docstring), the call is
+    checkpointed: its activations are recomputed, with the same grouping, during backward().
     """
 
     def __init__(self, modules: Sequence[nn.Module]):
@@ -234,11 +243,19 @@ class StackedModules(nn.Module):
         self.num_modules = len(modules)
         self.slot = _Slot()
         self.template = _template(modules, self.slot, "")
+        self.first = [modules[0]]  # a list: not registered
 
     def extra_repr(self) -> str:
         return f"num_modules={self.num_modules}"
 
     def forward(self, grouping: Grouping, *args, **kwargs):
+        first = self.first[0]
+        if self.template.training and getattr(first, "gradient_checkpointing", False):
+            run = functools.partial(self._run, grouping, **kwargs)
+            return first._gradient_checkpointing_func(run, *args)
+        return self._run(grouping, *args, **kwargs)
+
+    def _run(self, grouping: Grouping, *args, **kwargs):
         previous, self.slot.value = self.slot.value, grouping
         try:
             return self.template(*args, **kwargs)
