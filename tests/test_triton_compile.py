@@ -14,8 +14,9 @@ for sm_80 the first variant's first. The other kernels compile every variant for
 It checks that each compiles, that the kernels' shared memory fits 227 KB per block on Hopper,
 that the prune's estimate bounds the compiled size, that every ``*_kernel`` of
 ``modekernels.triton_kernels`` and every value of the constexprs the host passes was compiled,
-and that the kernels other than the GEMMs do not spill registers (cuobjdump's stack size, where
-Triton bundles cuobjdump). ``-s`` prints registers, spills and shared memory of each.
+and that the kernels other than the GEMMs, and every tile the GEMMs keep for float32 "ieee"
+(compiled all for sm_90), do not spill registers (cuobjdump's stack size, where Triton bundles
+cuobjdump). ``-s`` prints registers, spills and shared memory of each.
 """
 
 from __future__ import annotations
@@ -261,6 +262,8 @@ def _jobs():
             kept = prune.kept(configs, launch, capability, limit)
             if capability == 80:
                 chosen = kept[:1] if index == 0 else []
+            elif passed.get("INPUT_PRECISION") == "ieee":
+                chosen = kept  # the FMA tiles, each checked for spills
             else:
                 largest = max(kept, key=lambda c: (
                     prune.shared_bytes(c, launch, capability), math.prod(c.kwargs.values())))
@@ -420,22 +423,46 @@ def test_report_and_no_spills_outside_the_gemms(results):
     assert not spilling, spilling
 
 
+def test_fma_tiles_do_not_spill(results):
+    """Every configuration an autotuned kernel keeps for float32 "ieee" launches (its FmaConfig
+    tiles, each compiled for sm_90) holds its tiles in registers: the tensor-core tiles spilled
+    up to 19 KB per thread there."""
+    fma = [r for r in results if r["ok"] and r["capability"] == 90 and r["estimate"] is not None
+           and r["launch_constants"].get("INPUT_PRECISION") == "ieee"]
+    kernels = {r["kernel"] for r in fma}
+    assert {"grouped_mm._grouped_mm_kernel", "grouped_mm._grouped_mm_weight_grad_kernel",
+            "moe_mlp._moe_up_kernel", "moe_mlp._moe_down_kernel"} <= kernels, kernels
+    spilling = [f"{r['kernel']} v{r['variant']} {r['config']} {r['options']}: {r['stack']} bytes"
+                for r in fma if r.get("stack", 0) > 0]
+    assert not spilling, spilling
+
+
 @pytest.mark.parametrize("autotune", ["1", "0"])
-def test_autotune_switch(autotune):
-    """MODEKERNELS_AUTOTUNE=0 leaves each kernel its first configuration (outside the
-    interpreter, which always runs one small configuration)."""
+def test_autotune_switch_and_the_tiles_each_dot_keeps(autotune):
+    """MODEKERNELS_AUTOTUNE=0 leaves each kernel its first configuration of each kind (outside
+    the interpreter, which always runs one small configuration); the prune keeps the FmaConfig
+    tiles for "ieee" launches and the others for the rest."""
     code = (
-        "from modekernels.triton_kernels.common import tile_configs\n"
-        "from modekernels.triton_kernels.grouped_mm import FORWARD_TILES\n"
-        "configs = tile_configs(FORWARD_TILES)\n"
+        "import torch\n"
+        "from modekernels.triton_kernels.common import FmaConfig, tile_configs\n"
+        "from modekernels.triton_kernels.grouped_mm import FORWARD_FMA_TILES, FORWARD_PRUNE, FORWARD_TILES\n"
+        "configs = tile_configs(FORWARD_TILES, fma_tiles=FORWARD_FMA_TILES)\n"
         "assert configs[0].kwargs == dict(zip(('BLOCK_M', 'BLOCK_N', 'BLOCK_K'), FORWARD_TILES[0][:3]))\n"
-        "print(len(configs), len(FORWARD_TILES))\n"
+        "x = torch.empty(4096, 1024, device='meta')\n"
+        "kept = {p: FORWARD_PRUNE.kept(configs, {'x_ptr': x, 'K': 1024, 'INPUT_PRECISION': p}, 90, 232448)\n"
+        "        for p in ('ieee', 'tf32')}\n"
+        "assert kept['ieee'] and all(isinstance(c, FmaConfig) for c in kept['ieee'])\n"
+        "assert kept['tf32'] and not any(isinstance(c, FmaConfig) for c in kept['tf32'])\n"
+        "print(len(configs), len(kept['ieee']), len(FORWARD_TILES) + len(FORWARD_FMA_TILES))\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "0", "MODEKERNELS_AUTOTUNE": autotune}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    kept, tiles = map(int, out.stdout.split()[-2:])
-    assert kept == (tiles if autotune == "1" else 1) and tiles > 1
+    configs, ieee, tiles = map(int, out.stdout.split()[-3:])
+    if autotune == "1":
+        assert configs == tiles and ieee > 1
+    else:
+        assert configs == 2 and ieee == 1
 
 
 if __name__ == "__main__":

@@ -24,21 +24,33 @@ INTERPRETER_PROGRAMS = 4
 AUTOTUNE = os.environ.get("MODEKERNELS_AUTOTUNE", "1") != "0"
 
 
+class FmaConfig(triton.Config):
+    """An autotune configuration for ``tl.dot`` on FMAs: float32 operands with input precision
+    "ieee" (PyTorch's default float32 matmul precision), which the tensor cores cannot take.
+    There every thread holds its share of the operand tiles as well as the accumulator, so the
+    tensor-core tiles spill, some to kilobytes of local memory per thread; these smaller tiles
+    do not (tests/test_triton_compile.py checks it for sm_90). :class:`SharedMemoryPrune` keeps
+    only these for "ieee" launches, and never these for the others."""
+
+
 def tile_configs(
-    tiles: list[tuple[int, ...]], names: tuple[str, ...] = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+    tiles: list[tuple[int, ...]],
+    names: tuple[str, ...] = ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    fma_tiles: list[tuple[int, ...]] = (),
 ) -> list[triton.Config]:
     """Autotune configurations: each tile gives the block sizes ``names`` then num_warps and
-    num_stages. When interpreting, one small configuration (blocks of 32, 4 warps, 1 stage),
-    since autotuning there would only cost time; with ``MODEKERNELS_AUTOTUNE=0``, the first
-    tile alone."""
+    num_stages; ``fma_tiles`` likewise for :class:`FmaConfig`. When interpreting, one small
+    configuration (blocks of 32, 4 warps, 1 stage), since autotuning there would only cost
+    time; with ``MODEKERNELS_AUTOTUNE=0``, the first tile of each kind."""
     if INTERPRETING:
-        tiles = [(*([32] * len(names)), 4, 1)]
+        tiles, fma_tiles = [(*([32] * len(names)), 4, 1)], []
     elif not AUTOTUNE:
-        tiles = tiles[:1]
-    return [
-        triton.Config(dict(zip(names, tile[:-2])), num_warps=tile[-2], num_stages=tile[-1])
-        for tile in tiles
-    ]
+        tiles, fma_tiles = tiles[:1], fma_tiles[:1]
+
+    def config(kind: type, tile: tuple[int, ...]) -> triton.Config:
+        return kind(dict(zip(names, tile[:-2])), num_warps=tile[-2], num_stages=tile[-1])
+
+    return [config(triton.Config, tile) for tile in tiles] + [config(FmaConfig, tile) for tile in fma_tiles]
 
 
 class SharedMemoryPrune:
@@ -50,7 +62,9 @@ class SharedMemoryPrune:
     and later, num_stages - 1 before; ``stage_elements(meta)`` gives the elements of one copy
     of all of them (meta: the launch arguments and the configuration's block sizes), in the
     dtype of the tensor argument ``operand``. An upper bound of what a compiled kernel allocates
-    (its epilogue reuses the buffers; tests/test_triton_compile.py checks it). Outside CUDA (the
+    (its epilogue reuses the buffers; tests/test_triton_compile.py checks it). First it keeps the
+    configurations made for the launch's dot: :class:`FmaConfig` ones for input precision
+    "ieee", the others otherwise (all, where a kernel has none of that kind). Outside CUDA (the
     interpreter) nothing is pruned; when nothing fits, the smallest configuration is kept.
     """
 
@@ -65,7 +79,9 @@ class SharedMemoryPrune:
         return max(copies, 1) * elements * args[self.operand].element_size()
 
     def kept(self, configs: list, args: dict, capability: int, limit: int) -> list:
-        """The configurations that fit ``limit`` bytes, or the smallest one."""
+        """The configurations for the launch's dot that fit ``limit`` bytes, or the smallest."""
+        fma = args.get("INPUT_PRECISION") == "ieee"
+        configs = [c for c in configs if isinstance(c, FmaConfig) == fma] or configs
         need = {id(c): self.shared_bytes(c, args, capability) for c in configs}
         return [c for c in configs if need[id(c)] <= limit] or [min(configs, key=lambda c: need[id(c)])]
 

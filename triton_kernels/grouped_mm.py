@@ -42,8 +42,15 @@ FORWARD_TILES = [  # output tile BLOCK_M x BLOCK_N, reduction over K by BLOCK_K
     (64, 128, 64, 4, 4),
     (64, 128, 64, 4, 3),
     (128, 64, 64, 4, 4),
-    (128, 128, 32, 8, 3),  # float32: the others spill registers when tl.dot runs ieee (on FMAs)
+    (128, 128, 32, 8, 3),  # float32 on TF32 and the gated up stage: the others spill there
     (16, 64, 128, 4, 4),  # decode: a few rows per expert, bound by reading the weights once
+]
+FORWARD_FMA_TILES = [  # float32 "ieee" (FmaConfig): none spills on sm_90
+    (64, 64, 32, 8, 3),
+    (128, 64, 16, 8, 3),
+    (64, 128, 16, 8, 3),
+    (64, 64, 16, 4, 3),
+    (16, 64, 16, 4, 3),  # decode
 ]
 _WEIGHT_GRAD_TILES = [  # output tile BLOCK_K x BLOCK_N, reduction over a group's rows by BLOCK_M
     (64, 128, 128, 4, 3),
@@ -51,7 +58,13 @@ _WEIGHT_GRAD_TILES = [  # output tile BLOCK_K x BLOCK_N, reduction over a group'
     (64, 256, 128, 8, 3),
     (64, 128, 64, 4, 4),
     (32, 128, 128, 4, 4),
-    (32, 128, 128, 8, 3),  # float32: the others spill registers when tl.dot runs ieee (on FMAs)
+    (32, 128, 128, 8, 3),
+]
+_WEIGHT_GRAD_FMA_TILES = [  # float32 "ieee" (FmaConfig), rows read in place and scaled too
+    (32, 64, 64, 8, 3),
+    (16, 128, 64, 8, 3),
+    (16, 64, 128, 8, 3),
+    (16, 64, 64, 4, 3),
 ]
 _AUTOTUNE_KEY = ["N", "K", "rows_bucket", "INPUT_PRECISION"]
 # Shared memory of one pipeline stage: the x and w tiles, or the x^T and dy tiles.
@@ -117,7 +130,7 @@ def _group_output_tile(
 
 
 @triton.autotune(
-    configs=tile_configs(FORWARD_TILES),
+    configs=tile_configs(FORWARD_TILES, fma_tiles=FORWARD_FMA_TILES),
     key=_AUTOTUNE_KEY,
     prune_configs_by={"early_config_prune": FORWARD_PRUNE},
 )
@@ -243,7 +256,7 @@ def _accumulate_row_products(
 
 
 @triton.autotune(
-    configs=tile_configs(_WEIGHT_GRAD_TILES),
+    configs=tile_configs(_WEIGHT_GRAD_TILES, fma_tiles=_WEIGHT_GRAD_FMA_TILES),
     key=_AUTOTUNE_KEY + ["GATHER_X", "GATHER_DY", "SCALE_DY"],
     prune_configs_by={"early_config_prune": _WEIGHT_GRAD_PRUNE},
 )

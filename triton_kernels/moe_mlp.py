@@ -38,7 +38,7 @@ from modekernels.triton_kernels.common import (
     tile_configs,
 )
 from modekernels.triton_kernels.glu_backward import glu_backward
-from modekernels.triton_kernels.grouped_mm import FORWARD_PRUNE, FORWARD_TILES
+from modekernels.triton_kernels.grouped_mm import FORWARD_FMA_TILES, FORWARD_PRUNE, FORWARD_TILES
 
 _SUM_BLOCK = 256
 # Row kernels of the backward: BLOCK_M rows per program, BLOCK_N columns at a time.
@@ -95,7 +95,7 @@ def _up_tile(
 
 
 @triton.autotune(
-    configs=tile_configs(FORWARD_TILES),
+    configs=tile_configs(FORWARD_TILES, fma_tiles=FORWARD_FMA_TILES),
     key=["N", "K", "rows_bucket", "GATED", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": FORWARD_PRUNE},
 )
@@ -169,7 +169,7 @@ def _down_tile(
 
 
 @triton.autotune(
-    configs=tile_configs(FORWARD_TILES),
+    configs=tile_configs(FORWARD_TILES, fma_tiles=FORWARD_FMA_TILES),
     key=["N", "K", "rows_bucket", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _DOWN_PRUNE},
 )

@@ -70,6 +70,9 @@ _OUTPUT_TILES = [
     (_OUT_BLOCK_N, 64, 4, 4),
     (_OUT_BLOCK_N, 128, 8, 3),
 ]
+# float32 "ieee" (FmaConfig): none spills on sm_90
+_PROJECT_FMA_TILES = [(64, 32, 8, 3), (32, 32, 8, 3)]
+_OUTPUT_FMA_TILES = [(_OUT_BLOCK_N, 16, 8, 3), (_OUT_BLOCK_N, 32, 8, 3)]
 # Shared memory of one pipeline stage: the x tile and the W_in (and W_glu) tiles; h and W_out.
 _PROJECT_PRUNE = SharedMemoryPrune(
     "x_ptr", lambda m: m["BLOCK_K"] * (m["BLOCK_M"] + m["BLOCK_N"] * (2 if m["GLU"] else 1))
@@ -99,7 +102,7 @@ def _row_tile(rows_ptr, count_ptr, m_tile, BLOCK_M: tl.constexpr):
 
 
 @triton.autotune(
-    configs=tile_configs(_PROJECT_TILES, names=("BLOCK_N", "BLOCK_K")),
+    configs=tile_configs(_PROJECT_TILES, names=("BLOCK_N", "BLOCK_K"), fma_tiles=_PROJECT_FMA_TILES),
     key=["D", "DA", "GLU", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _PROJECT_PRUNE},
 )
@@ -201,7 +204,7 @@ _GATE_ONLY_SWITCHES = dict(
 
 
 @triton.autotune(
-    configs=tile_configs(_OUTPUT_TILES, names=("BLOCK_N", "BLOCK_K")),
+    configs=tile_configs(_OUTPUT_TILES, names=("BLOCK_N", "BLOCK_K"), fma_tiles=_OUTPUT_FMA_TILES),
     key=["D", "DA", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _OUTPUT_PRUNE},
 )
