@@ -14,9 +14,9 @@ for sm_80 the first variant's first. The other kernels compile every variant for
 It checks that each compiles, that the kernels' shared memory fits 227 KB per block on Hopper,
 that the prune's estimate bounds the compiled size, that every ``*_kernel`` of
 ``modekernels.triton_kernels`` and every value of the constexprs the host passes was compiled,
-and that the kernels other than the GEMMs, and every tile the GEMMs keep for float32 "ieee"
-(compiled all for sm_90), do not spill registers (cuobjdump's stack size, where Triton bundles
-cuobjdump). ``-s`` prints registers, spills and shared memory of each.
+and that the kernels other than the GEMMs do not spill registers, nor the tiles the GEMMs keep
+for float32 "ieee" (all compiled for sm_90) more than a few (cuobjdump's stack size, where
+Triton bundles cuobjdump). ``-s`` prints registers, spills and shared memory of each.
 """
 
 from __future__ import annotations
@@ -423,17 +423,22 @@ def test_report_and_no_spills_outside_the_gemms(results):
     assert not spilling, spilling
 
 
+# Stack bytes per thread an FmaConfig tile may use on sm_90: a few spilled registers (Triton 3.6
+# spills 8-16 bytes in some, 3.9 none), where the tensor-core tiles spilled up to 19 KB.
+FMA_STACK_LIMIT = 32
+
+
 def test_fma_tiles_do_not_spill(results):
     """Every configuration an autotuned kernel keeps for float32 "ieee" launches (its FmaConfig
-    tiles, each compiled for sm_90) holds its tiles in registers: the tensor-core tiles spilled
-    up to 19 KB per thread there."""
+    tiles, each compiled for sm_90) holds its tiles in registers, but for a few spilled values
+    (``FMA_STACK_LIMIT``)."""
     fma = [r for r in results if r["ok"] and r["capability"] == 90 and r["estimate"] is not None
            and r["launch_constants"].get("INPUT_PRECISION") == "ieee"]
     kernels = {r["kernel"] for r in fma}
     assert {"grouped_mm._grouped_mm_kernel", "grouped_mm._grouped_mm_weight_grad_kernel",
             "moe_mlp._moe_up_kernel", "moe_mlp._moe_down_kernel"} <= kernels, kernels
     spilling = [f"{r['kernel']} v{r['variant']} {r['config']} {r['options']}: {r['stack']} bytes"
-                for r in fma if r.get("stack", 0) > 0]
+                for r in fma if r.get("stack", 0) > FMA_STACK_LIMIT]
     assert not spilling, spilling
 
 
