@@ -13,6 +13,11 @@ must match an fp32 loop within 1e-2 (relative Frobenius).
 all composed) on the same mixed batch with ``domain_ids``, against the bare backbone: what the
 experts cost end to end (inference forward and a stage-2 training step). Model FLOPs count each
 token through its own domain's expert only.
+
+``test_domain_experts_decode``: the same model generating (greedy) from a prompt, the mixed batch
+with ``domain_ids``: ``backbone`` and ``domain-experts`` with the KV cache (the experts keep
+theirs beside the model's), ``domain-experts-recompute`` without it (every step reruns the
+prefix, as MoDE had to before its experts kept a cache). Throughput counts the generated tokens.
 """
 
 from __future__ import annotations
@@ -146,3 +151,28 @@ def test_domain_experts_model(benchmark, ceilings, mode, provider):
     report_model(benchmark, provider=provider, baseline="backbone", ceilings=ceilings,
                  tokens=ids.numel(), flops=model_flops(model, ids.numel(), training),
                  peak_bytes=peak)
+
+
+PROMPT, NEW_TOKENS = (8, 4) if QUICK else (512, 64)
+
+
+@pytest.mark.parametrize("provider", provider_params("backbone", "domain-experts", "domain-experts-recompute"))
+def test_domain_experts_decode(benchmark, ceilings, provider):
+    model = build_domain_model(provider.removesuffix("-recompute")).eval()
+    ids = token_batch(VOCAB, len(SEQ_DOMAINS), PROMPT)
+    kwargs = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
+                  use_cache=not provider.endswith("-recompute"))
+    if provider != "backbone":
+        kwargs["domain_ids"] = torch.tensor(SEQ_DOMAINS, device=DEVICE)
+
+    def step():
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+
+    assert step().shape == (len(SEQ_DOMAINS), PROMPT + NEW_TOKENS)
+    peak = peak_memory_bytes(step)
+    run(benchmark, step, group=f"mode model llama decode domains={DOMAINS} H={MODEL_HIDDEN} "
+        f"I={MODEL_FFN} prompt={PROMPT} new={NEW_TOKENS} batch={len(SEQ_DOMAINS)} bf16")
+    generated = len(SEQ_DOMAINS) * NEW_TOKENS
+    report_model(benchmark, provider=provider, baseline="backbone", ceilings=ceilings, tokens=generated,
+                 flops=model_flops(model, generated, False), peak_bytes=peak)
