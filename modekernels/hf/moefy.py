@@ -173,10 +173,11 @@ def moefy(
     ⌊(d_ff − shared)/E⌋): the ``shared_neurons`` most important, then its round-robin deal of the
     rest (:func:`deal_neurons`), ranked by ``importance`` (one (d_ff,) tensor per block of the
     model, from :func:`~modekernels.hf.compute_ffn_importance`) or by index. ``routing``:
-    ``"learned"`` (top-1 with the balance loss) or ``"hash"`` (MoEBERT's fixed vocabulary → expert table, from the
-    model's ``input_ids``, handed to each block with its call's arguments, so that activation
-    checkpointing reruns a block with the ids of its own forward). Add :func:`moe_losses`'s balance loss to the training loss. With
-    ``freeze_base`` only the experts and routers train. Undo with :func:`unpatch`.
+    ``"learned"`` (top-1 with the balance loss) or ``"hash"`` (MoEBERT's fixed vocabulary →
+    expert table, from the model's ``input_ids``, handed to each block with its call's
+    arguments, so that activation checkpointing reruns a block with the ids of its own
+    forward). Add :func:`moe_losses`'s balance loss to the training loss. With ``freeze_base``
+    only the experts and routers train. Undo with :func:`unpatch`.
 
     The dense FFN weights stay in the model under their names (frozen when ``freeze_base``,
     unused by the forward, still holding their memory): the state dict and ``save_pretrained``
