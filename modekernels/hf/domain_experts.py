@@ -52,8 +52,9 @@ class DomainExperts(nn.Module):
 
     ``forward(x, y, *block_args, **block_kwargs)``: x (B, T, d) the block input, y the block's
     output, the block's arguments (a KV cache among them reaches the experts as
-    :mod:`~modekernels.hf.expert_cache` says); returns the gated mixture. ``active`` (a Python list of domain names) says which
-    experts take part; ``domain_ids`` (B,) int64 or None routes sequences to one domain each.
+    :mod:`~modekernels.hf.expert_cache` says); returns the gated mixture. ``active`` (a Python
+    list of domain names) says which experts take part; ``domain_ids`` (B,) int64 or None
+    routes sequences to one domain each.
 
     The experts run together: layer k of every domain's expert is stacked into one
     :class:`~modekernels.nn.StackedModules` (``stacked[k]``, outside the module tree: the
@@ -176,10 +177,10 @@ class DomainExperts(nn.Module):
         for depth, stacked in enumerate(self.stacked):
             bound = inspect.signature(stacked.template.forward).bind_partial(h, *args, **kwargs)
             cache = bound.arguments.get("past_key_values")
-            if cache is not None and caches is None:
-                caches = expert_layer_caches(cache, self, self.block, len(self.stacked), h.shape[1],
-                                             grouping.members, src, grouping.group, batch)
             if cache is not None:
+                if caches is None:
+                    caches = expert_layer_caches(cache, self, self.block, len(self.stacked), h.shape[1],
+                                                 grouping.members, src, grouping.group, batch)
                 bound.arguments["past_key_values"] = caches[depth]
             elif "use_cache" in bound.arguments:
                 bound.arguments["use_cache"] = False
