@@ -29,8 +29,9 @@ class FmaConfig(triton.Config):
     "ieee" (PyTorch's default float32 matmul precision), which the tensor cores cannot take.
     There every thread holds its share of the operand tiles as well as the accumulator, so the
     tensor-core tiles spill, some to kilobytes of local memory per thread; these smaller tiles
-    spill a few registers at most (tests/test_triton_compile.py checks it for sm_90). :class:`SharedMemoryPrune` keeps
-    only these for "ieee" launches, and never these for the others."""
+    spill a few registers at most (tests/test_triton_compile.py checks it for sm_90).
+    :class:`SharedMemoryPrune` keeps only these for "ieee" launches, and never these for the
+    others."""
 
 
 def tile_configs(
