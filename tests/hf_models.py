@@ -32,8 +32,9 @@ FAMILY_OF = {
 NAMES = tuple(FAMILY_OF)
 
 
-def build(name: str, *, hidden: int = HIDDEN, ffn: int = FFN, layers: int = 2, seed: int = 0):
-    """A 2-block model of kind ``name`` in eval mode, initialised from ``seed``."""
+def build(name: str, *, hidden: int = HIDDEN, ffn: int = FFN, layers: int = 2, seed: int = 0, **config):
+    """A 2-block model of kind ``name`` in eval mode, initialised from ``seed``; ``config``: more
+    settings of a Llama-style family's config (``sliding_window`` for Mistral, say)."""
     torch.manual_seed(seed)
     common = dict(
         vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
@@ -56,7 +57,7 @@ def build(name: str, *, hidden: int = HIDDEN, ffn: int = FFN, layers: int = 2, s
             "qwen2": (Qwen2Config, Qwen2ForCausalLM),
             "qwen3": (Qwen3Config, Qwen3ForCausalLM),
         }[name]
-        model = model_cls(config_cls(**common, num_key_value_heads=2, head_dim=8))
+        model = model_cls(config_cls(**common, num_key_value_heads=2, head_dim=8, **config))
     return model.eval()
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_models import HIDDEN, VOCAB, batch, build, perturb_domain_experts
-from transformers import DynamicCache, MistralConfig, MistralForCausalLM, StaticCache
+from hf_models import batch, build, perturb_domain_experts
+from transformers import DynamicCache, StaticCache
 
 import modekernels.hf as mh
 from modekernels.hf import expert_cache
@@ -19,10 +19,7 @@ def _model(name: str, *, blocks=None):
     """A tiny decoder with two two-layer experts beside ``blocks``, both active, of random gates
     and experts (so that each expert changes the output)."""
     if name == "mistral-window":  # a sliding window shorter than the sequences below
-        torch.manual_seed(0)
-        config = MistralConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2, head_dim=8, intermediate_size=48, sliding_window=3)
-        model = MistralForCausalLM(config).eval()
+        model = build("mistral", sliding_window=3)
     else:
         model = build(name)
     mh.add_domain_experts(model, ["news", "code"], layers_per_expert=2, blocks=blocks)
